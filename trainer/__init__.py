@@ -1,0 +1,1 @@
+"""Offline and scheduled training that publishes model versions the streamer hot-swaps."""
