@@ -1,0 +1,167 @@
+"""Model artifacts: a directory with weights (safetensors, never a pickle), JSON metadata that
+rebuilds the model, and a checksum file. Loading refuses anything inconsistent, so a bad file
+can never replace a serving model.
+
+Layout::
+
+    <dir>/model.safetensors   weights (state_dict tensors only)
+    <dir>/metadata.json       ArtifactMetadata
+    <dir>/SHA256SUMS          sha256 of the two files above
+
+Usage::
+
+    save_artifact(path, model, version="v1")
+    art = load_artifact(path, device=torch.device("cpu"))
+    art.model, art.metadata.version
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import streamer
+from streamer.errors import ArtifactError
+from streamer.features import FeatureSpec
+from streamer.model import LSTMModel, ModelConfig
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+METADATA = "metadata.json"
+CHECKSUMS = "SHA256SUMS"
+
+
+class ArtifactMetadata(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    version: str
+    model: ModelConfig
+    features: FeatureSpec
+    created_at: float = Field(default_factory=time.time)
+    code_version: str = streamer.__version__
+    data_range: dict[str, Any] | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = None
+
+    @property
+    def task(self) -> str:
+        return self.model.task
+
+    @property
+    def target(self) -> str:
+        return self.features.target
+
+
+@dataclass(frozen=True)
+class Artifact:
+    model: LSTMModel
+    metadata: ArtifactMetadata
+    path: Path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_artifact(
+    directory: Path,
+    model: LSTMModel,
+    version: str,
+    *,
+    metrics: dict[str, Any] | None = None,
+    data_range: dict[str, Any] | None = None,
+    seed: int | None = None,
+) -> ArtifactMetadata:
+    """Write weights, metadata and checksums into ``directory`` (created; must be empty)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = ArtifactMetadata(
+        version=version,
+        model=model.config,
+        features=model.spec,
+        metrics=metrics or {},
+        data_range=data_range,
+        seed=seed,
+    )
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    (directory / METADATA).write_text(meta.model_dump_json(indent=2))
+    sums = "".join(f"{_sha256(directory / n)}  {n}\n" for n in (WEIGHTS, METADATA))
+    (directory / CHECKSUMS).write_text(sums)
+    return meta
+
+
+def read_metadata(directory: Path) -> ArtifactMetadata:
+    try:
+        meta = ArtifactMetadata.model_validate_json((directory / METADATA).read_bytes())
+    except (OSError, ValidationError) as exc:
+        raise ArtifactError(f"{directory}: unreadable metadata: {exc}") from exc
+    if meta.format_version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{directory}: format version {meta.format_version}, this code reads {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def verify_checksums(directory: Path) -> None:
+    try:
+        lines = (directory / CHECKSUMS).read_text().splitlines()
+        expected = dict(reversed(line.split(maxsplit=1)) for line in lines if line.strip())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{directory}: unreadable {CHECKSUMS}: {exc}") from exc
+    for name in (WEIGHTS, METADATA):
+        if name not in expected:
+            raise ArtifactError(f"{directory}: {CHECKSUMS} has no entry for {name}")
+        try:
+            actual = _sha256(directory / name)
+        except OSError as exc:
+            raise ArtifactError(f"{directory}: cannot read {name}: {exc}") from exc
+        if actual != expected[name]:
+            raise ArtifactError(f"{directory}: checksum mismatch for {name}")
+
+
+def load_artifact(directory: Path, device: torch.device | str = "cpu") -> Artifact:
+    """Verify and load an artifact; raises ArtifactError with the reason on any inconsistency."""
+    directory = Path(directory)
+    verify_checksums(directory)
+    meta = read_metadata(directory)
+    try:
+        weights = load_file(str(directory / WEIGHTS), device="cpu")
+    except (OSError, SafetensorError) as exc:
+        raise ArtifactError(f"{directory}: unreadable weights: {exc}") from exc
+    try:
+        model = LSTMModel(meta.model, meta.features)
+    except ValueError as exc:
+        raise ArtifactError(f"{directory}: metadata does not build a model: {exc}") from exc
+    _check_weights(directory, model, weights)
+    model.load_state_dict(weights)
+    model.eval()
+    return Artifact(model.to(device), meta, directory)
+
+
+def _check_weights(directory: Path, model: LSTMModel, weights: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    if set(weights) != set(expected):
+        missing, extra = set(expected) - set(weights), set(weights) - set(expected)
+        raise ArtifactError(f"{directory}: weights do not match metadata: missing "
+                            f"{sorted(missing)}, unexpected {sorted(extra)}")
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise ArtifactError(
+                f"{directory}: {name} has shape {tuple(tensor.shape)}, metadata implies "
+                f"{tuple(expected[name].shape)}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{directory}: {name} has non-finite values")

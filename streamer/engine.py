@@ -1,0 +1,179 @@
+"""The hot path: a decoded batch in, one prediction per event out, state advanced in place.
+
+A batch may hold several events of one key (in offset order). Instead of stepping event by
+event, the batch is laid out as one padded sequence per distinct key, rows sorted by length,
+and the LSTM runs once over all of them (packed), starting from each key's stored state. That is
+the same arithmetic as stepping each event in turn, which the tests prove against a per-event
+reference. Host work is index bookkeeping in numpy; the device gets one float64 buffer in and
+gives one prediction tensor back.
+
+No Kafka, HTTP or metrics here: the service times and counts from outside.
+
+Usage::
+
+    engine = Engine(model, store)
+    preds = engine.process(keys, partitions, raw, ts, now)   # np.ndarray [N, out]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+from streamer.features import compute_features
+from streamer.model import LSTMModel
+from streamer.state import StateStore
+
+SwapPolicy = Literal["rewarm", "reset", "keep"]
+
+
+class Engine:
+    def __init__(self, model: LSTMModel, store: StateStore) -> None:
+        self.model = model.eval()
+        self.store = store
+        self.spec = model.spec
+
+    @torch.inference_mode()
+    def process(
+        self,
+        keys: Sequence[str],
+        partitions: Sequence[int],
+        raw: np.ndarray,  # [N, R] float64
+        ts: np.ndarray,  # [N] float64 epoch seconds
+        now: float,
+    ) -> tuple[np.ndarray, int]:
+        """Predictions [N, out] in input order, and how many keys were evicted for room."""
+        n = len(keys)
+        if n == 0:
+            return np.zeros((0, self.model.config.output_size), dtype=np.float32), 0
+        plan = _plan(keys)
+        part_of_key = np.asarray(partitions, dtype=np.int64)[plan.first]
+        slots, is_new, evicted = self.store.assign(plan.unique_keys, part_of_key, now)
+        buf = np.concatenate([
+            raw.reshape(-1), ts, plan.pos, slots[plan.rows], plan.lengths,
+            slots[plan.rows][is_new[plan.rows]],
+        ]).astype(np.float64, copy=False)
+        dev = torch.from_numpy(buf).to(self.store.device, non_blocking=True)  # the one copy in
+        y = self._run(dev, n, len(plan.unique_keys), plan.width, plan.lengths)
+        return y.cpu().numpy(), evicted  # the one copy out
+
+    def _run(
+        self, buf: torch.Tensor, n: int, u: int, width: int, lengths_host: np.ndarray
+    ) -> torch.Tensor:
+        store, r = self.store, self.spec.raw_width
+        n_new = buf.numel() - n * (r + 2) - 2 * u
+        raw, ts, pos, slots, lengths, new = torch.split(buf, [n * r, n, n, u, u, n_new])
+        raw, pos, slots, lengths = raw.view(n, r), pos.long(), slots.long(), lengths.long()
+        if new.numel():
+            store.reset(new.long())
+        # Lay events out as [U, T, ...] rows (one per key, longest first), padding at the end.
+        raw_pad = raw.new_zeros(u * width, r).index_copy_(0, pos, raw).view(u, width, r)
+        ts_pad = ts.new_zeros(u * width).index_copy_(0, pos, ts).view(u, width)
+        prev_raw = torch.cat([store.prev_raw[slots].unsqueeze(1), raw_pad[:, :-1]], dim=1)
+        prev_ts = torch.cat([store.prev_ts[slots].unsqueeze(1), ts_pad[:, :-1]], dim=1)
+        has_prev = torch.ones(u, width, dtype=torch.bool, device=raw.device)
+        has_prev[:, 0] = store.has_prev[slots]
+        x = compute_features(self.spec, raw_pad, ts_pad, prev_raw, prev_ts, has_prev)
+        y, h, c = self.model.forward_padded(
+            x, torch.from_numpy(lengths_host), store.h[:, slots], store.c[:, slots],
+            enforce_sorted=True,
+        )
+        store.h[:, slots] = h
+        store.c[:, slots] = c
+        last = torch.arange(u, device=raw.device) * width + lengths - 1  # [U] flat index
+        store.prev_raw[slots] = raw_pad.view(u * width, r)[last]
+        store.prev_ts[slots] = ts_pad.view(-1)[last]
+        store.has_prev[slots] = True
+        self._append_window(x.view(u * width, -1), pos, slots, lengths, width)
+        out = y.view(u * width, -1)[pos]
+        return self.model.to_prediction(out)
+
+    def _append_window(
+        self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+        width: int,
+    ) -> None:
+        """Ring-buffer the batch's features per key; only each key's last W can survive."""
+        store, w = self.store, self.store.window
+        row, col = pos // width, pos % width
+        keep = col >= lengths[row] - w
+        row, col, p = row[keep], col[keep], pos[keep]
+        slot = slots[row]
+        store.win[slot, (store.win_next[slot] + col) % w] = x[p]
+        store.win_next[slots] = (store.win_next[slots] + lengths) % w
+        store.win_len[slots] = torch.clamp(store.win_len[slots] + lengths, max=w)
+
+    @torch.inference_mode()
+    def swap_model(self, model: LSTMModel, policy: SwapPolicy = "rewarm", chunk: int = 8192) -> int:
+        """Serve ``model`` from now on; fix every live key's hidden state for it per ``policy``.
+
+        rewarm: replay each key's buffered window through the new model from zeros;
+        reset: start every key from zeros; keep: keep states (only when the shapes match).
+        Returns the number of keys re-warmed.
+        """
+        old = self.model.config
+        new = model.config
+        same_features = model.spec.names == self.spec.names and model.spec.kind == self.spec.kind
+        if not same_features:
+            raise ValueError("the new model reads different features; start a new deployment")
+        if (new.num_layers, new.hidden_size) != (old.num_layers, old.hidden_size):
+            raise ValueError("the new model's state shape differs from the state store's")
+        self.model, self.spec = model.eval(), model.spec
+        if policy == "keep":
+            return 0
+        if policy == "reset":
+            self.store.reset_all()
+            return 0
+        return self._rewarm(chunk)
+
+    def _rewarm(self, chunk: int) -> int:
+        store = self.store
+        live = torch.from_numpy(store.live_slots()).to(store.device)
+        live = live[store.win_len[live] > 0]
+        store.reset_all()
+        for start in range(0, live.numel(), chunk):
+            slots = live[start:start + chunk]
+            x, lengths = store.window_sequences(slots)
+            h0, c0 = self.model.zero_state(slots.numel())
+            _, h, c = self.model.forward_padded(x, lengths.cpu(), h0, c0)
+            store.h[:, slots] = h
+            store.c[:, slots] = c
+        return int(live.numel())
+
+
+class _Plan:
+    """Host-side layout of a batch: distinct keys, their row order, each event's flat slot."""
+
+    __slots__ = ("unique_keys", "first", "rows", "lengths", "width", "pos")
+
+    def __init__(
+        self, unique_keys: list[str], first: np.ndarray, rows: np.ndarray,
+        lengths: np.ndarray, width: int, pos: np.ndarray,
+    ) -> None:
+        self.unique_keys = unique_keys  # [U] in first-seen order
+        self.first = first  # [U] index of each key's first event
+        self.rows = rows  # [U] key (group) index of each row, longest row first
+        self.lengths = lengths  # [U] events per row
+        self.width = width  # T: the longest row
+        self.pos = pos  # [N] float: row * T + rank of the event within its key
+
+
+def _plan(keys: Sequence[str]) -> _Plan:
+    group_of: dict[str, int] = {}
+    groups = np.fromiter(
+        (group_of.setdefault(k, len(group_of)) for k in keys), dtype=np.int64, count=len(keys)
+    )
+    counts = np.bincount(groups)
+    order = np.argsort(groups, kind="stable")  # events grouped by key, offset order inside
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(keys), dtype=np.int64)
+    rank[order] = np.arange(len(keys)) - starts[groups[order]]
+    rows = np.argsort(-counts, kind="stable")  # longest first, as pack_padded_sequence wants
+    row_of_group = np.empty_like(rows)
+    row_of_group[rows] = np.arange(len(rows))
+    width = int(counts.max())
+    pos = row_of_group[groups] * width + rank
+    first = order[starts]
+    return _Plan(list(group_of), first, rows, counts[rows], width, pos.astype(np.float64))

@@ -1,0 +1,46 @@
+"""The error tree. Foreign errors are wrapped at the boundary with ``raise ... from exc``.
+
+    StreamerError
+    ├── ConfigError        a setting is invalid; the message names the field (fails at start)
+    ├── BadEvent           one input message is unusable; carries a DLQ ``reason`` code.
+    │                      Data for the dead-letter path, never a reason to stop the loop.
+    ├── ArtifactError      a model artifact is unreadable, corrupt or inconsistent; the
+    │                      serving model is kept
+    ├── RegistryError      the model registry is missing, malformed or refuses an operation
+    └── KafkaEdgeError     the broker refused or lost something we cannot retry
+"""
+
+from __future__ import annotations
+
+
+class StreamerError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class ConfigError(StreamerError):
+    """A setting is invalid. ``field`` names it so the operator knows what to fix."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"invalid setting {field!r}: {message}")
+        self.field = field
+
+
+class BadEvent(StreamerError):
+    """An input message cannot be used. ``reason`` is a short, stable code for metrics/DLQ."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ArtifactError(StreamerError):
+    """A model artifact was refused (checksum, dims, non-finite weights, unreadable)."""
+
+
+class RegistryError(StreamerError):
+    """The model registry cannot serve the request."""
+
+
+class KafkaEdgeError(StreamerError):
+    """A Kafka operation failed in a way the service cannot recover from by itself."""

@@ -1,0 +1,116 @@
+"""The stacked LSTM with a linear head, and its two ways of running.
+
+``forward_padded`` runs whole (padded, variable-length) sequences; ``step`` advances a batch of
+keys by one event. Both go through the same ``nn.LSTM`` so the incremental path equals the full
+sequence path (proved in tests). Normalization lives in buffers so an artifact carries it.
+
+Usage::
+
+    model = LSTMModel(ModelConfig(input_size=8, hidden_size=64, num_layers=2), spec)
+    y, h, c = model.step(x, h, c)              # x: [B, F]; h, c: [L, B, H]
+    preds = model.to_prediction(y)             # serving units: value, or class probabilities
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from streamer.features import FeatureSpec
+
+Task = Literal["regression", "classification"]
+CLASSES: tuple[str, ...] = ("down", "flat", "up")
+
+
+class ModelConfig(BaseModel):
+    """Everything needed to rebuild the network; stored in every artifact's metadata."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input_size: int
+    hidden_size: int = 64
+    num_layers: int = 2
+    dropout: float = 0.0
+    task: Task = "regression"
+    flat_band: float = 0.0  # classification: |next - last| <= band counts as "flat"
+
+    @model_validator(mode="after")
+    def _positive(self) -> ModelConfig:
+        if min(self.input_size, self.hidden_size, self.num_layers) < 1:
+            raise ValueError("input_size, hidden_size and num_layers must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+        return self
+
+    @property
+    def output_size(self) -> int:
+        return len(CLASSES) if self.task == "classification" else 1
+
+
+class LSTMModel(nn.Module):
+    def __init__(self, config: ModelConfig, spec: FeatureSpec) -> None:
+        super().__init__()
+        if spec.n_features != config.input_size:
+            raise ValueError(f"spec has {spec.n_features} features, model {config.input_size}")
+        self.config = config
+        self.spec = spec
+        # Dropout applies between stacked layers during training only (eval() disables it).
+        dropout = config.dropout if config.num_layers > 1 else 0.0
+        self.lstm = nn.LSTM(
+            config.input_size, config.hidden_size, config.num_layers,
+            batch_first=True, dropout=dropout,
+        )
+        self.head = nn.Linear(config.hidden_size, config.output_size)
+        self.register_buffer("x_mean", torch.tensor(spec.mean, dtype=torch.float32))
+        self.register_buffer("x_std", torch.tensor(spec.std, dtype=torch.float32))
+        t = spec.target_index
+        self.register_buffer("y_mean", torch.tensor(spec.mean[t], dtype=torch.float32))
+        self.register_buffer("y_std", torch.tensor(spec.std[t], dtype=torch.float32))
+
+    def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.config.num_layers, batch, self.config.hidden_size)
+        dev = self.x_mean.device
+        return torch.zeros(shape, device=dev), torch.zeros(shape, device=dev)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.x_mean) / self.x_std
+
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Full sequences of equal length. x: [B, T, F] -> head output [B, T, out], (h, c)."""
+        out, (h, c) = self.lstm(self.normalize(x), state)
+        return self.head(out), (h, c)
+
+    def forward_padded(
+        self,
+        x: torch.Tensor,  # [B, T, F], row b valid for its first lengths[b] steps
+        lengths: torch.Tensor,  # [B] int64 on the CPU, every entry >= 1
+        h: torch.Tensor,  # [L, B, H]
+        c: torch.Tensor,  # [L, B, H]
+        enforce_sorted: bool = False,  # True: rows already sorted by length, longest first
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Variable-length sequences in one call; h, c come back at each row's own last step."""
+        packed = pack_padded_sequence(
+            self.normalize(x), lengths, batch_first=True, enforce_sorted=enforce_sorted
+        )
+        out, (h_n, c_n) = self.lstm(packed, (h, c))
+        padded, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.head(padded), h_n, c_n
+
+    def step(
+        self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One event for each of B keys. x: [B, F]; h, c: [L, B, H] -> y [B, out], h, c."""
+        out, (h_n, c_n) = self.lstm(self.normalize(x).unsqueeze(1), (h, c))
+        return self.head(out.squeeze(1)), h_n, c_n
+
+    def to_prediction(self, y: torch.Tensor) -> torch.Tensor:
+        """Head output to serving units: the target's next value, or P(down, flat, up)."""
+        if self.config.task == "classification":
+            return torch.softmax(y, dim=-1)
+        return y * self.y_std + self.y_mean

@@ -1,0 +1,168 @@
+"""Per-key state in preallocated device tensors, addressed through a key -> slot map.
+
+One slot holds everything a key needs between events: the LSTM's h and c for every layer, the
+previous raw observation that features depend on, and a ring buffer of the last W feature
+vectors (so a hot-swapped model can re-warm the key). Slots are recycled: least recently used
+keys are evicted at capacity, idle keys after an optional TTL, and a partition's keys when the
+partition is revoked. A new or evicted key starts from zeros.
+
+Usage::
+
+    store = StateStore(layers=2, hidden=64, raw_width=8, n_features=8, capacity=100_000)
+    slots, is_new, evicted = store.assign(["k1", "k2"], [0, 3], now=time.time())
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+
+class StateStore:
+    def __init__(
+        self,
+        layers: int,
+        hidden: int,
+        raw_width: int,
+        n_features: int,
+        capacity: int,
+        window: int = 32,
+        device: torch.device | str = "cpu",
+        ttl_s: float | None = None,
+    ) -> None:
+        self.capacity = capacity
+        self.window = window
+        self.ttl_s = ttl_s
+        self.device = torch.device(device)
+        dev = self.device
+        self.h = torch.zeros(layers, capacity, hidden, device=dev)  # [L, slots, H]
+        self.c = torch.zeros(layers, capacity, hidden, device=dev)  # [L, slots, H]
+        self.prev_raw = torch.zeros(capacity, raw_width, dtype=torch.float64, device=dev)  # [S, R]
+        self.prev_ts = torch.zeros(capacity, dtype=torch.float64, device=dev)  # [S]
+        self.has_prev = torch.zeros(capacity, dtype=torch.bool, device=dev)  # [S]
+        self.win = torch.zeros(capacity, window, n_features, device=dev)  # [S, W, F] ring
+        self.win_next = torch.zeros(capacity, dtype=torch.int64, device=dev)  # [S] write pos
+        self.win_len = torch.zeros(capacity, dtype=torch.int64, device=dev)  # [S] <= W
+        # Host-side bookkeeping: per key, never per event.
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order, oldest first
+        self._key_of: list[str | None] = [None] * capacity
+        self._partition = np.full(capacity, -1, dtype=np.int64)
+        self._last_seen = np.zeros(capacity, dtype=np.float64)
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._slot_of
+
+    @property
+    def bytes_per_key(self) -> int:
+        """Device bytes one slot costs (all state tensors divided by capacity)."""
+        tensors = (self.h, self.c, self.prev_raw, self.prev_ts, self.has_prev, self.win,
+                   self.win_next, self.win_len)
+        return sum(t.element_size() * t.nelement() for t in tensors) // self.capacity
+
+    def slot(self, key: str) -> int | None:
+        return self._slot_of.get(key)
+
+    def partition_of(self, key: str) -> int | None:
+        slot = self._slot_of.get(key)
+        return None if slot is None else int(self._partition[slot])
+
+    def live_slots(self) -> np.ndarray:
+        return np.fromiter(self._slot_of.values(), dtype=np.int64, count=len(self._slot_of))
+
+    def assign(
+        self, keys: Sequence[str], partitions: Sequence[int], now: float
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Slots for distinct ``keys``, allocating (and evicting the LRU key) as needed.
+
+        Returns (slots [U], is_new [U] bool, evicted count). New slots must be :meth:`reset`
+        by the caller, batched with its own device work. Keys of this call are never evicted
+        by it, so ``len(keys)`` may not exceed capacity.
+        """
+        if len(keys) > self.capacity:
+            raise ValueError(f"{len(keys)} distinct keys in one batch exceed capacity")
+        slots = np.empty(len(keys), dtype=np.int64)
+        is_new = np.zeros(len(keys), dtype=bool)
+        missing: list[int] = []
+        # Touch known keys first so LRU eviction below cannot pick a key of this batch.
+        for i, key in enumerate(keys):
+            slot = self._slot_of.get(key)
+            if slot is None:
+                missing.append(i)
+            else:
+                self._slot_of.move_to_end(key)
+                slots[i] = slot
+        evicted = 0
+        for i in missing:
+            if not self._free:
+                _, victim = self._slot_of.popitem(last=False)
+                self._key_of[victim] = None
+                self._free.append(victim)
+                evicted += 1
+            slot = self._free.pop()
+            self._slot_of[keys[i]] = slot
+            self._key_of[slot] = keys[i]
+            slots[i] = slot
+            is_new[i] = True
+        self._partition[slots] = np.asarray(partitions, dtype=np.int64)
+        self._last_seen[slots] = now
+        return slots, is_new, evicted
+
+    def reset(self, slots: torch.Tensor) -> None:
+        """Zero the state of ``slots`` (device int64 tensor): a new key starts from nothing."""
+        self.h[:, slots] = 0.0
+        self.c[:, slots] = 0.0
+        self.has_prev[slots] = False
+        self.win_next[slots] = 0
+        self.win_len[slots] = 0
+
+    def reset_all(self) -> None:
+        """Zero every live key's hidden state but keep its feature memory and window."""
+        self.h.zero_()
+        self.c.zero_()
+
+    def release(self, keys: Iterable[str]) -> int:
+        released = 0
+        for key in keys:
+            slot = self._slot_of.pop(key, None)
+            if slot is not None:
+                self._key_of[slot] = None
+                self._partition[slot] = -1
+                self._free.append(slot)
+                released += 1
+        return released
+
+    def release_partitions(self, partitions: Iterable[int]) -> int:
+        """Forget every key owned by ``partitions`` (their state moves with the partition)."""
+        wanted = np.asarray(sorted(set(partitions)), dtype=np.int64)
+        if wanted.size == 0 or not self._slot_of:
+            return 0
+        live = self.live_slots()
+        hit = live[np.isin(self._partition[live], wanted)]
+        return self.release([k for k in (self._key_of[s] for s in hit) if k is not None])
+
+    def evict_idle(self, now: float) -> int:
+        """Evict keys not seen for ``ttl_s``; the LRU order makes this a walk from the front."""
+        if self.ttl_s is None:
+            return 0
+        cutoff = now - self.ttl_s
+        stale: list[str] = []
+        for key, slot in self._slot_of.items():
+            if self._last_seen[slot] > cutoff:
+                break
+            stale.append(key)
+        return self.release(stale)
+
+    def window_sequences(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each slot's buffered features oldest first: x [S, W, F] (left-aligned), lengths [S]."""
+        lengths = self.win_len[slots]
+        steps = torch.arange(self.window, device=self.device)
+        # Oldest entry sits at (next - len) mod W; walk forward from there.
+        pos = (self.win_next[slots, None] - lengths[:, None] + steps[None, :]) % self.window
+        return self.win[slots[:, None], pos], lengths

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from streamer.engine import Engine
+from streamer.features import default_spec
+from streamer.state import StateStore
+
+from ..reference import reference_predictions
+from .conftest import make_model
+
+
+def _store(model, capacity: int = 256, window: int = 8) -> StateStore:
+    cfg = model.config
+    return StateStore(cfg.num_layers, cfg.hidden_size, model.spec.raw_width,
+                      model.spec.n_features, capacity, window=window)
+
+
+def _random_stream(rng: np.random.Generator, n: int, n_keys: int, kind: str):
+    keys = [f"k{int(i)}" for i in rng.zipf(1.5, size=n) % n_keys]  # skewed: hot keys repeat
+    ts = 1.7e9 + np.cumsum(rng.exponential(0.01, size=n))
+    if kind == "tick":
+        price = 100 * np.exp(np.cumsum(rng.normal(0, 1e-3, size=n)))
+        size = rng.integers(1, 500, size=n).astype(float)
+        bid = np.where(rng.random(n) < 0.5, price - 0.01, np.nan)
+        raw = np.stack([price, size, bid, bid + 0.02], axis=1)
+    else:
+        raw = rng.normal(size=(n, 4))
+    return keys, raw, ts
+
+
+@pytest.mark.parametrize("kind", ["generic", "tick"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_engine_equals_per_event_reference(kind: str, seed: int) -> None:
+    """Random interleavings of many keys, repeats inside one batch, random batch cuts."""
+    rng = np.random.default_rng(seed)
+    spec = default_spec(kind, n_features=4)
+    model = make_model(spec=spec, seed=seed)
+    keys, raw, ts = _random_stream(rng, 1500, 60, kind)
+    engine = Engine(model, _store(model))
+    cuts = np.sort(rng.choice(np.arange(1, len(keys)), size=25, replace=False))
+    got = []
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(keys)], strict=True):
+        preds, evicted = engine.process(keys[lo:hi], [0] * (hi - lo), raw[lo:hi], ts[lo:hi], 0.0)
+        assert evicted == 0
+        got.append(preds)
+    expected = reference_predictions(model, keys, raw, ts)
+    assert_close(np.concatenate(got), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_stream_in_one_batch_equals_one_event_batches() -> None:
+    rng = np.random.default_rng(5)
+    model = make_model()
+    keys, raw, ts = _random_stream(rng, 300, 7, "generic")
+    one = Engine(model, _store(model)).process(keys, [0] * 300, raw, ts, 0.0)[0]
+    single = Engine(model, _store(model))
+    each = np.concatenate(
+        [single.process(keys[i : i + 1], [0], raw[i : i + 1], ts[i : i + 1], 0.0)[0]
+         for i in range(300)]
+    )
+    assert_close(one, each, atol=1e-5, rtol=1e-5)
+
+
+def test_evicted_key_starts_again_from_zeros() -> None:
+    model = make_model()
+    engine = Engine(model, _store(model, capacity=2))
+    raw = np.ones((1, 4))
+    first = engine.process(["a"], [0], raw, np.array([1.0]), 1.0)[0]
+    engine.process(["a"], [0], raw, np.array([2.0]), 2.0)
+    _, evicted = engine.process(["b", "c"], [0, 0], np.ones((2, 4)), np.array([3.0, 3.0]), 3.0)
+    assert evicted == 1 and "a" not in engine.store
+    again, _ = engine.process(["a"], [0], raw, np.array([4.0]), 4.0)
+    assert_close(again, first)
+
+
+def test_classification_outputs_probabilities() -> None:
+    model = make_model(task="classification")
+    engine = Engine(model, _store(model))
+    preds, _ = engine.process(["a", "a", "b"], [0, 0, 1], np.random.randn(3, 4),
+                              np.arange(3.0), 0.0)
+    assert preds.shape == (3, 3)
+    assert_close(preds.sum(1), np.ones(3, dtype=np.float32))
+
+
+@pytest.mark.parametrize("window", [4, 32])
+def test_rewarm_equals_fresh_replay_of_buffered_window(window: int) -> None:
+    rng = np.random.default_rng(3)
+    model = make_model(seed=1)
+    keys, raw, ts = _random_stream(rng, 400, 20, "generic")
+    engine = Engine(model, _store(model, window=window))
+    for lo in range(0, 400, 37):
+        engine.process(keys[lo:lo + 37], [0] * len(keys[lo:lo + 37]), raw[lo:lo + 37],
+                       ts[lo:lo + 37], 0.0)
+    new_model = make_model(seed=2)
+    rewarmed = engine.swap_model(new_model, "rewarm")
+    assert rewarmed == len(set(keys))
+    store = engine.store
+    for key in set(keys):
+        idx = [i for i, k in enumerate(keys) if k == key][-window:]
+        x = torch.as_tensor(raw[idx], dtype=torch.float32).unsqueeze(0)  # generic: x = raw
+        with torch.no_grad():
+            _, (h, c) = new_model(x)
+        slot = store.slot(key)
+        assert_close(store.h[:, slot], h[:, 0], atol=1e-5, rtol=1e-5)
+        assert_close(store.c[:, slot], c[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_swap_reset_and_keep_policies() -> None:
+    model = make_model()
+    engine = Engine(model, _store(model))
+    engine.process(["a", "b"], [0, 0], np.ones((2, 4)), np.array([1.0, 1.0]), 0.0)
+    before = engine.store.h.clone()
+    engine.swap_model(make_model(seed=9), "keep")
+    assert torch.equal(engine.store.h, before)
+    engine.swap_model(make_model(seed=9), "reset")
+    assert not engine.store.h.any()
+    with pytest.raises(ValueError, match="state shape"):
+        engine.swap_model(make_model(hidden=8), "keep")
