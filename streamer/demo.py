@@ -1,0 +1,229 @@
+"""``streamer demo``: the whole product on an embedded broker, for a bounded time.
+
+It starts the embedded broker, trains a first model on simulated history (via the ``trainer``
+console script, run as a separate process so that ``streamer`` never imports ``trainer``),
+starts the streamer, the metrics server and the simulator, retrains once half-way so a live
+hot swap can be watched, and shows a console view until the time is up. Then it drains,
+commits and prints a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer
+from prometheus_client import CollectorRegistry
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from streamer.broker import EmbeddedBroker
+from streamer.service import Service
+from streamer.settings import StreamerSettings
+from streamer.simulate import make_simulator, run_simulator, write_jsonl
+
+log = logging.getLogger(__name__)
+
+HISTORY_EVENTS = 40_000
+
+
+def _trainer(*args: str) -> None:
+    """Run the trainer CLI in its own process; its progress goes to our terminal."""
+    cmd = [sys.executable, "-m", "trainer.cli", *args]
+    subprocess.run(cmd, check=True)
+
+
+def _train_first_model(registry: Path, kind: str, n_keys: int, seed: int, console: Console) -> None:
+    history = registry.parent / "history.jsonl"
+    write_jsonl(history, make_simulator(kind, n_keys, seed + 1000).events(HISTORY_EVENTS))  # type: ignore[arg-type]
+    console.print(f"[bold]1/3[/] training a first model on {HISTORY_EVENTS:,} simulated events")
+    _trainer("train", "--input", str(history), "--kind", kind, "--registry", str(registry),
+             "--epochs", "3", "--hidden", "32", "--layers", "2", "--force", "--quiet")
+
+
+def _retrain(registry: Path, kind: str, n_keys: int, seed: int) -> threading.Thread:
+    def target() -> None:
+        history = registry.parent / "history2.jsonl"
+        write_jsonl(history, make_simulator(kind, n_keys, seed + 2000).events(HISTORY_EVENTS))  # type: ignore[arg-type]
+        _trainer("train", "--input", str(history), "--kind", kind, "--registry", str(registry),
+                 "--epochs", "2", "--hidden", "32", "--layers", "2", "--force", "--quiet",
+                 "--seed", str(seed + 1))
+
+    thread = threading.Thread(target=target, name="demo-retrain", daemon=True)
+    thread.start()
+    return thread
+
+
+class _Watcher:
+    """Reads the predictions topic in the background and keeps the last few for display."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.recent: deque[dict[str, Any]] = deque(maxlen=5)
+        self.versions: set[str] = set()
+        self._stop = threading.Event()
+        self._consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap,
+                                       auto_offset_reset="latest", fetch_max_wait_ms=50,
+                                       group_id="demo-viewer")
+        self._thread = threading.Thread(target=self._run, name="demo-viewer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for batch in self._consumer.poll(timeout_ms=200, max_records=500).values():
+                for rec in batch[-5:]:
+                    self.recent.append(json.loads(rec.value))
+                for rec in batch:
+                    self.versions.add(json.loads(rec.value)["model_version"])
+        self._consumer.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class _Snapshot:
+    """Counters and latency histogram read straight from the service's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.values: dict[str, float] = {}
+        self.buckets: list[tuple[float, float]] = []
+        for family in registry.collect():
+            for s in family.samples:
+                if s.name == "streamer_end_to_end_latency_seconds_bucket":
+                    self.buckets.append((float(s.labels["le"]), s.value))
+                elif not s.labels or s.name.startswith("streamer_dead_letter"):
+                    self.values[s.name] = self.values.get(s.name, 0.0) + s.value
+
+    def get(self, name: str) -> float:
+        return self.values.get(name, 0.0)
+
+
+def quantile(q: float, new: _Snapshot, old: _Snapshot | None) -> float | None:
+    """Prometheus-style histogram_quantile over the interval between two snapshots."""
+    base = dict(old.buckets) if old else {}
+    cum = [(le, v - base.get(le, 0.0)) for le, v in sorted(new.buckets)]
+    if not cum or cum[-1][1] <= 0:
+        return None
+    rank, prev_le, prev_c = q * cum[-1][1], 0.0, 0.0
+    for le, c in cum:
+        if c >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (rank - prev_c) / max(c - prev_c, 1e-12)
+        prev_le, prev_c = le, c
+    return None
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1e3:.1f} ms"
+
+
+def _view(service: Service, snap: _Snapshot, rate: float, p50: float | None,
+          p99: float | None, watcher: _Watcher, left: float) -> Table:
+    table = Table(title=f"streamer demo — {left:.0f}s left", show_header=False, expand=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("events/s", f"{rate:,.0f}")
+    table.add_row("end-to-end p50 / p99", f"{_ms(p50)} / {_ms(p99)}")
+    table.add_row("events in / predictions out",
+                  f"{snap.get('streamer_events_in_total'):,.0f} / "
+                  f"{snap.get('streamer_predictions_out_total'):,.0f}")
+    table.add_row("dead-lettered", f"{snap.get('streamer_dead_letter_total'):,.0f}")
+    table.add_row("keys resident", f"{len(service.store):,}")
+    table.add_row("model version", service.version)
+    for p in list(watcher.recent)[-5:]:
+        pred = ", ".join(f"{v:+.5f}" for v in p["prediction"])
+        table.add_row(f"  {p['key']}", f"[{pred}]  ({p['model_version']})")
+    return table
+
+
+def run_demo(
+    duration_s: float = 60.0, kind: str = "tick", n_keys: int = 200, rate: float = 2000.0,
+    seed: int = 0, metrics_address: str = "127.0.0.1:9108", workdir: str | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    console = Console()
+    stop = stop or threading.Event()
+    tmp = tempfile.TemporaryDirectory(prefix="streamer-demo-") if workdir is None else None
+    root = Path(workdir or tmp.name)  # type: ignore[union-attr]
+    registry = root / "registry"
+    registry.mkdir(parents=True, exist_ok=True)
+    try:
+        with EmbeddedBroker() as broker:
+            for topic, parts in (("events", 4), ("predictions", 4), ("events.dlq", 1)):
+                broker.create_topic(topic, partitions=parts)
+            console.print(f"embedded Kafka broker on [bold]{broker.bootstrap_servers}[/]")
+            _train_first_model(registry, kind, n_keys, seed, console)
+            settings = StreamerSettings(
+                bootstrap_servers=broker.bootstrap_servers, model=registry, device="auto",
+                metrics_address=metrics_address, registry_poll_s=1.0, lag_interval_s=1.0,
+            )
+            return _stream(settings, broker.bootstrap_servers, registry, kind, n_keys, rate,
+                           seed, duration_s, stop, console)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _stream(settings: StreamerSettings, bootstrap: str, registry: Path, kind: str, n_keys: int,
+            rate: float, seed: int, duration_s: float, stop: threading.Event,
+            console: Console) -> int:
+    service = Service.from_settings(settings)
+    svc_stop, sim_stop = threading.Event(), threading.Event()
+    svc = threading.Thread(target=service.run, args=(svc_stop,), name="demo-streamer")
+    svc.start()
+    sim = threading.Thread(
+        target=run_simulator, name="demo-simulator",
+        kwargs=dict(bootstrap_servers=bootstrap, topic=settings.input_topic, kind=kind,
+                    n_keys=n_keys, rate=rate, seed=seed, stop_event=sim_stop),
+    )
+    sim.start()
+    console.print(f"[bold]2/3[/] streaming {rate:,.0f} {kind} events/s over {n_keys} keys; "
+                  f"metrics on http://{settings.metrics_address}/metrics")
+    watcher = _Watcher(bootstrap, settings.output_topic)
+    start = time.monotonic()
+    retrain: threading.Thread | None = None
+    old: _Snapshot | None = None
+    old_t = start
+    try:
+        with Live(console=console, refresh_per_second=2, transient=False) as live:
+            while not stop.is_set() and (left := duration_s - (time.monotonic() - start)) > 0:
+                if retrain is None and time.monotonic() - start > duration_s / 2:
+                    retrain = _retrain(registry, kind, n_keys, seed)
+                snap, now = _Snapshot(service.metrics.registry), time.monotonic()
+                done = snap.get("streamer_events_in_total")
+                before = old.get("streamer_events_in_total") if old else 0.0
+                ev_rate = (done - before) / max(now - old_t, 1e-9)
+                live.update(_view(service, snap, ev_rate, quantile(0.5, snap, old),
+                                  quantile(0.99, snap, old), watcher, left))
+                old, old_t = snap, now
+                stop.wait(1.0)
+    finally:
+        sim_stop.set()
+        sim.join(timeout=30)
+        svc_stop.set()
+        svc.join(timeout=60)
+        watcher.stop()
+    return _summary(console, service, duration_s, watcher)
+
+
+def _summary(console: Console, service: Service, duration_s: float, watcher: _Watcher) -> int:
+    snap = _Snapshot(service.metrics.registry)
+    console.print("[bold]3/3[/] summary")
+    console.print(f"  events in            {snap.get('streamer_events_in_total'):,.0f}")
+    console.print(f"  predictions out      {snap.get('streamer_predictions_out_total'):,.0f}")
+    console.print(f"  dead-lettered        {snap.get('streamer_dead_letter_total'):,.0f}")
+    console.print(f"  end-to-end p50 / p99 {_ms(quantile(0.5, snap, None))} / "
+                  f"{_ms(quantile(0.99, snap, None))}")
+    console.print(f"  model versions seen  {', '.join(sorted(watcher.versions)) or '-'}")
+    console.print(f"  serving at the end   {service.version}")
+    return 0

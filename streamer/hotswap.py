@@ -1,0 +1,101 @@
+"""Finding the model to serve, and noticing when the registry points at a new one.
+
+The watcher polls the registry's ``CURRENT`` pointer on its own thread and does the slow part
+there (read, verify checksums, build the model, move it to the device). The serving loop only
+picks up a ready, verified model between batches, so consumption pauses for the swap itself
+(re-warming state), never for file I/O. A version that fails verification is refused once,
+logged, counted, and the old model keeps serving.
+
+Usage::
+
+    artifact, watcher = open_model_source(Path("models"), "default", device, poll_s=5.0)
+    watcher.start(); ...; candidate = watcher.take()   # Artifact | None
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from streamer.artifact import Artifact, load_artifact
+from streamer.errors import ArtifactError, RegistryError
+from streamer.registry import Registry, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+def open_model_source(
+    path: Path, name: str, device: torch.device, poll_s: float
+) -> tuple[Artifact, ModelWatcher | None]:
+    """Load what ``path`` serves now; a registry (not a bare artifact dir) also gets a watcher."""
+    artifact_dir, registry = resolve_model_path(Path(path), name)
+    if registry is None:
+        return load_artifact(artifact_dir, device), None
+    artifact = registry.load(None, device)
+    return artifact, ModelWatcher(registry, artifact.metadata.version, device, poll_s)
+
+
+class ModelWatcher:
+    def __init__(
+        self, registry: Registry, serving: str, device: torch.device, poll_s: float
+    ) -> None:
+        self.registry = registry
+        self.device = device
+        self.poll_s = poll_s
+        self._seen = serving  # last version handed over or refused: never retried
+        self._lock = threading.Lock()
+        self._ready: Artifact | None = None
+        self._refusals: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def take(self) -> Artifact | None:
+        """The newest verified model not yet handed over, if any."""
+        with self._lock:
+            ready, self._ready = self._ready, None
+            return ready
+
+    def take_refusals(self) -> list[str]:
+        with self._lock:
+            refusals, self._refusals = self._refusals, []
+            return refusals
+
+    def check_now(self) -> None:
+        """One poll of the pointer (the thread calls this every ``poll_s``)."""
+        try:
+            version = self.registry.current()
+        except RegistryError as exc:
+            log.warning("cannot read the registry pointer: %s", exc)
+            return
+        if version is None or version == self._seen:
+            return
+        self._seen = version
+        try:
+            artifact = self.registry.load(version, self.device)
+        except (ArtifactError, RegistryError) as exc:
+            with self._lock:
+                self._refusals.append(f"{version}: {exc}")
+            return
+        with self._lock:
+            self._ready = artifact  # a newer version replaces one not yet picked up
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check_now()
+            except Exception:  # the watcher must outlive any surprise; the loop keeps serving
+                log.exception("model watcher poll failed")

@@ -1,0 +1,203 @@
+"""The Kafka edge (kafka-python): batches in, predictions and dead letters out, commits after acks.
+
+At-least-once is the contract: offsets of a batch are committed only once every record the
+batch produced (predictions and dead letters) has been acknowledged by the broker. A crash
+before that re-delivers the batch; nothing is ever skipped silently. Offset gaps (e.g. the
+broker's retention deleted data a lagging consumer had not read) are counted and logged loudly.
+
+Usage::
+
+    edge = KafkaEdge(settings, on_assign=..., on_revoke=...)
+    batch = edge.poll()                        # list[Message] (possibly empty)
+    edge.send(topic, key, value, headers)      # buffered
+    edge.flush_and_commit(batch)               # wait for acks, then commit
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.producer.future import FutureRecordMetadata
+from kafka.structs import OffsetAndMetadata
+
+from streamer.errors import KafkaEdgeError
+from streamer.events import Message
+from streamer.settings import StreamerSettings
+
+log = logging.getLogger(__name__)
+
+PartitionCallback = Callable[[set[int]], None]
+
+
+class _Listener(ConsumerRebalanceListener):
+    """Runs inside ``poll()``, i.e. between batches: the previous batch is already committed.
+
+    Eager rebalancing revokes everything and then assigns the new set, so keys are released
+    only for partitions that did not come back: state that stays with this process survives.
+    """
+
+    def __init__(self, edge: KafkaEdge) -> None:
+        self.edge = edge
+        self.revoked: set[int] = set()
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self.revoked = {tp.partition for tp in revoked}
+        self.edge.commit_pending()
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        now_assigned = {tp.partition for tp in assigned}
+        lost = self.revoked - now_assigned
+        self.revoked = set()
+        try:
+            if lost:
+                self.edge.on_revoke(lost)
+        finally:
+            # Whatever happened while releasing, the new assignment must be known.
+            self.edge.on_assign(now_assigned)
+
+
+class KafkaEdge:
+    def __init__(
+        self,
+        settings: StreamerSettings,
+        on_assign: PartitionCallback,
+        on_revoke: PartitionCallback,
+        on_gap: Callable[[int, int], None] | None = None,
+        consumer: KafkaConsumer | None = None,
+        producer: KafkaProducer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topic = settings.input_topic
+        self.on_assign = on_assign
+        self.on_revoke = on_revoke
+        self.on_gap = on_gap or (lambda partition, n: None)
+        security = settings.kafka_security_kwargs()
+        self.consumer = consumer or KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            group_id=settings.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=settings.auto_offset_reset,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
+            max_poll_records=settings.max_batch_events,
+            client_id=f"streamer-{settings.group_id}",
+            **security,
+        )
+        self.producer = producer or KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            acks="all",
+            linger_ms=1,
+            batch_size=256 * 1024,
+            # One request in flight keeps a key's predictions in order across retries.
+            max_in_flight_requests_per_connection=1,
+            client_id=f"streamer-{settings.group_id}-out",
+            **security,
+        )
+        self._futures: list[FutureRecordMetadata] = []
+        self._next_offset: dict[int, int] = {}  # partition -> next offset we expect to see
+        self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
+        self.consumer.subscribe([self.topic], listener=_Listener(self))
+
+    def poll(self) -> list[Message]:
+        """Up to ``max_batch_events`` records, waiting at most ``max_batch_wait_ms``."""
+        try:
+            records = self.consumer.poll(
+                timeout_ms=self.settings.max_batch_wait_ms,
+                max_records=self.settings.max_batch_events,
+            )
+        except KafkaError as exc:
+            raise KafkaEdgeError(f"poll failed: {exc}") from exc
+        batch: list[Message] = []
+        for tp, msgs in records.items():
+            if not msgs:
+                continue
+            self._check_gap(tp.partition, msgs[0].offset)
+            self._next_offset[tp.partition] = msgs[-1].offset + 1
+            batch.extend(Message(m.key, m.value, tp.partition, m.offset) for m in msgs)
+        return batch
+
+    def _check_gap(self, partition: int, first_offset: int) -> None:
+        expected = self._next_offset.get(partition)
+        if expected is not None and first_offset > expected:
+            skipped = first_offset - expected
+            log.warning(
+                "SKIPPED %d offsets on %s[%d] (%d..%d): the broker no longer has them "
+                "(retention) or they were control records; those events were NOT processed",
+                skipped, self.topic, partition, expected, first_offset - 1,
+            )
+            self.on_gap(partition, skipped)
+
+    def send(
+        self, topic: str, key: bytes | None, value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        try:
+            self._futures.append(self.producer.send(topic, key=key, value=value, headers=headers))
+        except KafkaError as exc:
+            raise KafkaEdgeError(f"produce to {topic} failed: {exc}") from exc
+
+    def flush_and_commit(self, batch: Sequence[Message]) -> None:
+        """Wait until the broker acknowledged every record sent for ``batch``, then commit it."""
+        self.flush()
+        for msg in batch:
+            self._uncommitted[msg.partition] = max(
+                self._uncommitted.get(msg.partition, 0), msg.offset + 1
+            )
+        self.commit_pending()
+
+    def flush(self) -> None:
+        futures, self._futures = self._futures, []
+        if not futures:
+            return
+        self.producer.flush()
+        failed = [f for f in futures if f.failed()]
+        if failed:
+            raise KafkaEdgeError(
+                f"{len(failed)} of {len(futures)} records were not acknowledged: "
+                f"{failed[0].exception}; offsets not committed, the batch will be re-delivered"
+            )
+
+    def commit_pending(self) -> bool:
+        """Commit acknowledged offsets; returns whether a commit was made."""
+        if not self._uncommitted:
+            return False
+        offsets = {
+            TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
+            for p, o in self._uncommitted.items()
+        }
+        try:
+            self.consumer.commit(offsets)
+        except KafkaError as exc:
+            raise KafkaEdgeError(f"commit failed: {exc}") from exc
+        self._uncommitted.clear()
+        return True
+
+    def assigned_partitions(self) -> set[int]:
+        return {tp.partition for tp in self.consumer.assignment()}
+
+    def lag(self) -> dict[tuple[str, int], float]:
+        """Messages between our position and the high watermark the last fetch reported."""
+        lags: dict[tuple[str, int], float] = {}
+        for tp in self.consumer.assignment():
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            position = self._next_offset.get(tp.partition)
+            if position is None:
+                committed = self.consumer.committed(tp)
+                position = committed if committed is not None else high
+            lags[(tp.topic, tp.partition)] = float(max(high - position, 0))
+        return lags
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flush what is buffered, commit it, leave the group. Safe to call twice."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            self.producer.flush(timeout=max(deadline - time.monotonic(), 0.1))
+        finally:
+            self.producer.close(timeout=max(deadline - time.monotonic(), 0.1))
+            self.consumer.close(autocommit=False)

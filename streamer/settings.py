@@ -1,0 +1,386 @@
+"""One typed, frozen settings object, read once at start and passed down.
+
+Precedence, lowest first: defaults < config file (YAML or TOML) < env vars < CLI flags, so a
+checked-in file holds the deployment's shape and env/flags override one thing at a time.
+Every bad value, whichever source it came from, fails at start with a ``ConfigError`` that
+names the field and how to set it. The helpers are generic over ``BaseSettings`` so the
+trainer reuses them for its own ``TrainerSettings`` (prefix ``TRAINER_``).
+
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser, StreamerSettings)
+    settings = settings_from_args(StreamerSettings, parser.parse_args())
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+from pydantic import (
+    Field,
+    SecretBytes,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from streamer.errors import ConfigError
+
+S = TypeVar("S", bound=BaseSettings)
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
+
+
+class FieldProblem(ValueError):
+    """Raised by cross-field validators so the ConfigError names the field to fix.
+
+    A plain ValueError from a model validator carries no field, and "invalid setting
+    'settings'" tells the operator nothing.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """Parse "host:port" ("[v6]:port" too); an empty host means every interface."""
+    host, sep, port_text = address.strip().rpartition(":")
+    if not sep:
+        raise ValueError(f"expected host:port such as 0.0.0.0:9108, got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 0..65535")
+    return host or "0.0.0.0", port
+
+
+class StreamerSettings(BaseSettings):
+    """Everything the streamer process can be told; see ``streamer run --help``."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMER_", frozen=True, extra="forbid")
+
+    bootstrap_servers: str = Field(
+        "localhost:9092", min_length=1, description="Kafka bootstrap servers, comma-separated"
+    )
+    input_topic: str = Field("events", min_length=1, description="topic to read events from")
+    output_topic: str = Field(
+        "predictions", min_length=1, description="topic to write predictions to"
+    )
+    dlq_topic: str | None = Field(
+        None, min_length=1, description="dead-letter topic; unset means <input_topic>.dlq"
+    )
+    group_id: str = Field("streamer", min_length=1, description="Kafka consumer group id")
+    model: Path = Field(
+        Path("models"), description="model artifact directory or model registry root"
+    )
+    model_name: str = Field("default", min_length=1, description="model name in the registry")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where model and key state live; auto picks cuda when present"
+    )
+    max_batch_events: int = Field(2048, gt=0, description="most events per engine step")
+    max_batch_wait_ms: int = Field(
+        5, ge=0, description="longest wait to fill a batch before stepping"
+    )
+    fetch_max_wait_ms: int = Field(
+        10, ge=0, description="broker-side fetch wait (kafka fetch_max_wait_ms)"
+    )
+    capacity: int = Field(100_000, gt=0, description="key slots preallocated for LSTM state")
+    key_ttl_s: float | None = Field(
+        None, gt=0, description="evict keys idle this long; unset evicts only for capacity"
+    )
+    window: int = Field(32, ge=1, description="recent events remembered per key for features")
+    swap_policy: Literal["rewarm", "reset", "keep"] = Field(
+        "rewarm", description="what a model swap does to per-key state"
+    )
+    registry_poll_s: float = Field(
+        5.0, gt=0, description="seconds between checks for a new model version"
+    )
+    metrics_address: str = Field(
+        "0.0.0.0:9108", description="host:port serving /metrics /healthz /readyz"
+    )
+    max_future_s: float = Field(
+        300, gt=0, description="events stamped further ahead than this are dead-lettered"
+    )
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="where a group with no committed offset starts"
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol"
+    )
+    sasl_mechanism: str | None = Field(
+        None, description="SASL mechanism, e.g. PLAIN or SCRAM-SHA-512"
+    )
+    sasl_username: str | None = Field(None, description="SASL username")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password; prefer the env var, flags show up in ps"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="log level"
+    )
+    lag_interval_s: float = Field(
+        5.0, gt=0, description="seconds between consumer-lag measurements"
+    )
+
+    @field_validator("security_protocol", "sasl_mechanism", "log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        host, port = split_host_port(value)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> StreamerSettings:
+        if self.max_batch_events > self.capacity:
+            raise FieldProblem(
+                "max_batch_events",
+                f"{self.max_batch_events} exceeds capacity ({self.capacity}); "
+                "a batch can never hold more keys than there are slots",
+            )
+        return self
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.dlq_topic or f"{self.input_topic}.dlq"
+
+    @property
+    def metrics_host(self) -> str:
+        return split_host_port(self.metrics_address)[0]
+
+    @property
+    def metrics_port(self) -> int:
+        return split_host_port(self.metrics_address)[1]
+
+    def kafka_security_kwargs(self) -> dict[str, Any]:
+        """kafka-python keyword arguments for whatever security settings are set."""
+        kwargs: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.sasl_mechanism is not None:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+        if self.sasl_username is not None:
+            kwargs["sasl_plain_username"] = self.sasl_username
+        if self.sasl_password is not None:
+            kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        return kwargs
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Values already read from the config file; ranked below every other source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def load_settings(cls: type[S], cli_overrides: Mapping[str, Any], config_file: Path | None) -> S:
+    """Build ``cls`` from defaults < config file < env < ``cli_overrides``.
+
+    ``config_file`` falls back to env ``<PREFIX>CONFIG``. Raises ConfigError on any bad value.
+    """
+    prefix = env_prefix(cls)
+    if config_file is None and os.environ.get(f"{prefix}CONFIG"):
+        config_file = Path(os.environ[f"{prefix}CONFIG"])
+    file_values = read_config_file(cls, config_file) if config_file is not None else {}
+
+    def customise(
+        subcls: type[BaseSettings],
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Keep whatever ordering ``cls`` chose and put the file last, just above defaults.
+        base = cls.settings_customise_sources(
+            settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        )
+        return (*base, _FileSource(settings_cls, file_values))
+
+    layered = type(
+        cls.__name__,
+        (cls,),
+        {"__module__": cls.__module__, "settings_customise_sources": classmethod(customise)},
+    )
+    try:
+        loaded = layered(**cli_overrides)
+    except ValidationError as exc:
+        raise _config_error(cls, exc) from exc
+    except SettingsError as exc:
+        match = re.search(r'field "([^"]+)"', str(exc))
+        field = match.group(1) if match else "settings"
+        raise ConfigError(field, f"{exc} {_how_to_set(cls, field)}".rstrip()) from exc
+    # Hand back a plain ``cls`` (already validated): the throwaway subclass would not pickle
+    # and would compare unequal to ``cls`` instances.
+    values = {name: getattr(loaded, name) for name in cls.model_fields}
+    return cls.model_construct(_fields_set=set(loaded.model_fields_set), **values)
+
+
+def read_config_file(cls: type[BaseSettings], path: Path) -> dict[str, Any]:
+    """Read a YAML/TOML mapping of field names; unknown keys are refused, not ignored."""
+    suffix = path.suffix.lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise ConfigError(
+            "config", f"{path}: unsupported config file type {suffix or '(none)'!r}; "
+            f"use one of {', '.join(CONFIG_SUFFIXES)}"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            "config", f"cannot read config file {path}: {exc.strerror} "
+            f"(flag --config, env {env_prefix(cls)}CONFIG)"
+        ) from exc
+    try:
+        data = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError("config", f"cannot parse config file {path}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of setting names to values")
+    values = {str(key).replace("-", "_"): value for key, value in data.items()}
+    for key in values:
+        if key not in cls.model_fields:
+            raise ConfigError(key, f"unknown key in config file {path}{_suggest(cls, key)}")
+    return values
+
+
+def _config_error(cls: type[BaseSettings], exc: ValidationError) -> ConfigError:
+    problems = [_describe(cls, error) for error in exc.errors()]
+    field, message = problems[0]
+    for other_field, other_message in problems[1:]:
+        message += f"; also {other_field!r}: {other_message}"
+    return ConfigError(field, message)
+
+
+def _describe(cls: type[BaseSettings], error: Any) -> tuple[str, str]:
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldProblem):
+        return cause.field, f"{cause} {_how_to_set(cls, cause.field)}"
+    field = str(error["loc"][0]) if error["loc"] else "settings"
+    if error["type"] == "extra_forbidden":
+        return field, f"unknown setting{_suggest(cls, field)}"
+    message = error["msg"].removeprefix("Value error, ")
+    info = cls.model_fields.get(field)
+    if info is not None and not _is_secret(info.annotation):
+        message += f", got {error['input']!r}"
+    return field, f"{message} {_how_to_set(cls, field)}".rstrip()
+
+
+def _how_to_set(cls: type[BaseSettings], field: str) -> str:
+    if field not in cls.model_fields:
+        return ""
+    return f"(env {env_prefix(cls)}{field.upper()}, flag {_flag(field)})"
+
+
+def _suggest(cls: type[BaseSettings], key: str) -> str:
+    close = difflib.get_close_matches(key, list(cls.model_fields), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _is_secret(annotation: Any) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, (SecretStr, SecretBytes)):
+        return True
+    return any(_is_secret(arg) for arg in get_args(annotation))
+
+
+def env_prefix(cls: type[BaseSettings]) -> str:
+    return str(cls.model_config.get("env_prefix") or "")
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _metavar(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return "{" + ",".join(str(choice) for choice in get_args(annotation)) + "}"
+    names = {int: "N", float: "SECONDS", Path: "PATH"}
+    for candidate in (annotation, *get_args(annotation)):
+        if candidate in names:
+            return names[candidate]
+        if get_origin(candidate) is Literal:
+            return _metavar(candidate)
+    return "VALUE"
+
+
+def _show_default(info: FieldInfo) -> str:
+    if info.is_required():
+        return "required"
+    if info.default_factory is not None:
+        return "computed"
+    if info.default is None:
+        return "unset"
+    return str(info.default)
+
+
+def add_settings_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type[BaseSettings],
+    exclude: Collection[str] = (),
+) -> None:
+    """Add ``--field-name`` per field plus ``--config``; only flags actually given override."""
+    prefix = env_prefix(cls)
+    for name, info in cls.model_fields.items():
+        if name in exclude:
+            continue
+        help_text = (
+            f"{info.description or name} (default: {_show_default(info)}) "
+            f"[env: {prefix}{name.upper()}]"
+        ).replace("%", "%%")
+        if info.annotation is bool:
+            parser.add_argument(
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS, help=help_text,
+            )
+        else:
+            parser.add_argument(
+                _flag(name), dest=name, default=argparse.SUPPRESS,
+                metavar=_metavar(info.annotation), help=help_text,
+            )
+    if "config" not in exclude:
+        parser.add_argument(
+            "--config", type=Path, default=argparse.SUPPRESS, metavar="PATH",
+            help=f"YAML or TOML settings file, below env vars and flags [env: {prefix}CONFIG]",
+        )
+
+
+def settings_from_args(cls: type[S], ns: argparse.Namespace) -> S:
+    """Settings from the flags present in ``ns`` (strings; pydantic coerces them)."""
+    given = {name: getattr(ns, name) for name in cls.model_fields if hasattr(ns, name)}
+    config = getattr(ns, "config", None)
+    return load_settings(cls, given, Path(config) if config is not None else None)
