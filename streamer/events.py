@@ -111,7 +111,10 @@ def parse_timestamp(value: Timestamp) -> float:
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=timezone.utc)
         return dt.timestamp()
-    seconds = float(value) / 1000.0 if abs(value) >= MILLIS_THRESHOLD else float(value)
+    try:
+        seconds = float(value) / 1000.0 if abs(value) >= MILLIS_THRESHOLD else float(value)
+    except OverflowError as exc:  # a JSON integer with hundreds of digits
+        raise BadEvent(BAD_TIMESTAMP, f"ts does not fit a float: {str(value)[:32]}...") from exc
     if not math.isfinite(seconds):
         raise BadEvent(NON_FINITE, f"ts is not finite: {value!r}")
     return seconds

@@ -70,7 +70,7 @@ class FeatureSpec(BaseModel):
 
     def with_stats(self, mean: list[float], std: list[float]) -> FeatureSpec:
         """A copy carrying new normalization stats (the trainer fits them on its train split)."""
-        return self.model_copy(update={"mean": tuple(mean), "std": tuple(std)})
+        return FeatureSpec(**{**self.model_dump(), "mean": tuple(mean), "std": tuple(std)})
 
 
 def default_spec(

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
+from kafka.partitioner.default import DefaultPartitioner
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
@@ -98,26 +99,34 @@ class KafkaEdge:
             **security,
         )
         self._futures: list[FutureRecordMetadata] = []
+        self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
         self._next_offset: dict[int, int] = {}  # partition -> next offset we expect to see
         self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
         self.consumer.subscribe([self.topic], listener=_Listener(self))
 
     def poll(self) -> list[Message]:
-        """Up to ``max_batch_events`` records, waiting at most ``max_batch_wait_ms``."""
-        try:
-            records = self.consumer.poll(
-                timeout_ms=self.settings.max_batch_wait_ms,
-                max_records=self.settings.max_batch_events,
-            )
-        except KafkaError as exc:
-            raise KafkaEdgeError(f"poll failed: {exc}") from exc
+        """Up to ``max_batch_events`` records: once the first arrive, keep fetching for at most
+        ``max_batch_wait_ms`` so that one engine step and one ack round-trip cover many events.
+        Returns an empty list after ``max_batch_wait_ms`` without records (so the loop can
+        heartbeat and swap models while idle)."""
+        limit, wait_s = self.settings.max_batch_events, self.settings.max_batch_wait_ms / 1e3
         batch: list[Message] = []
-        for tp, msgs in records.items():
-            if not msgs:
-                continue
-            self._check_gap(tp.partition, msgs[0].offset)
-            self._next_offset[tp.partition] = msgs[-1].offset + 1
-            batch.extend(Message(m.key, m.value, tp.partition, m.offset) for m in msgs)
+        deadline = time.monotonic() + wait_s
+        while len(batch) < limit:
+            remaining_ms = max(int((deadline - time.monotonic()) * 1e3), 0)
+            try:
+                records = self.consumer.poll(timeout_ms=remaining_ms,
+                                             max_records=limit - len(batch))
+            except KafkaError as exc:
+                raise KafkaEdgeError(f"poll failed: {exc}") from exc
+            for tp, msgs in records.items():
+                if not msgs:
+                    continue
+                self._check_gap(tp.partition, msgs[0].offset)
+                self._next_offset[tp.partition] = msgs[-1].offset + 1
+                batch.extend(Message(m.key, m.value, tp.partition, m.offset) for m in msgs)
+            if remaining_ms == 0 or (not records and not batch):
+                break
         return batch
 
     def _check_gap(self, partition: int, first_offset: int) -> None:
@@ -136,9 +145,29 @@ class KafkaEdge:
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         try:
-            self._futures.append(self.producer.send(topic, key=key, value=value, headers=headers))
+            partition = self._partition(topic, key)
+            self._futures.append(
+                self.producer.send(topic, key=key, value=value, headers=headers,
+                                   partition=partition)
+            )
         except KafkaError as exc:
             raise KafkaEdgeError(f"produce to {topic} failed: {exc}") from exc
+
+    def _partition(self, topic: str, key: bytes | None) -> int | None:
+        """The default (murmur2) partition of ``key``, memoized: keys repeat, and hashing in
+        pure Python costs a third of kafka-python's per-record send time."""
+        if key is None:
+            return None
+        cached = self._partitions.get(topic)
+        if cached is None or len(cached[1]) > 100_000:
+            # Re-reading the partition list now and then also picks up added partitions.
+            parts = sorted(self.producer.partitions_for(topic))
+            cached = self._partitions[topic] = (parts, {})
+        parts, memo = cached
+        partition = memo.get(key)
+        if partition is None:
+            partition = memo[key] = DefaultPartitioner()(key, parts, parts)
+        return partition
 
     def flush_and_commit(self, batch: Sequence[Message]) -> None:
         """Wait until the broker acknowledged every record sent for ``batch``, then commit it."""
