@@ -84,6 +84,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     from streamer.demo import run_demo
 
     _setup_logging("WARNING")
+    # kafka-python logs its ApiVersions fallback against the embedded broker as errors.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     return run_demo(
         duration_s=ns.duration, kind=ns.kind, n_keys=ns.keys, rate=ns.rate, seed=ns.seed,
         metrics_address=ns.metrics_address, workdir=ns.workdir, stop=_stop_on_signals(),

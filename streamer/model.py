@@ -95,6 +95,11 @@ class LSTMModel(nn.Module):
         enforce_sorted: bool = False,  # True: rows already sorted by length, longest first
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Variable-length sequences in one call; h, c come back at each row's own last step."""
+        if int(lengths.min()) == x.shape[1]:
+            # Every row is full (e.g. each key once in a batch, or full re-warm windows): the
+            # dense kernel is several times faster than the packed one on the CPU.
+            out, (h_n, c_n) = self.lstm(self.normalize(x), (h, c))
+            return self.head(out), h_n, c_n
         packed = pack_padded_sequence(
             self.normalize(x), lengths, batch_first=True, enforce_sorted=enforce_sorted
         )

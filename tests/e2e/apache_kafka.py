@@ -13,9 +13,8 @@ because the advertised listener must carry that host port.
 
 from __future__ import annotations
 
-from typing_extensions import Self
-
 from testcontainers.community.kafka import KafkaContainer
+from typing_extensions import Self
 
 IMAGE = "apache/kafka:3.8.0"  # the version deploy/compose runs
 CONTROLLER_PORT = 9094

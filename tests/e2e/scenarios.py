@@ -156,15 +156,16 @@ def sigterm_mid_stream_then_successor(topics: Topics, artifact_dir: Path, n: int
     group = f"sigterm-{topics.input}"
     proc = streamer_process(topics, artifact_dir, group)
     try:
-        started = read_topic(topics.bootstrap, topics.output, expect=1, timeout_s=60, settle_s=0)
-        assert started, "the process never started predicting"
+        if not read_topic(topics.bootstrap, topics.output, expect=1, timeout_s=60, settle_s=0):
+            proc.kill()
+            raise AssertionError(f"the process never started predicting:\n{proc.communicate()[0]}")
         feeding = threading.Event()
         live: list[tuple[int, int]] = []
 
         def feed() -> None:
             for lo in range(live_from, tail_from, 50):
-                live.extend(produce(topics.bootstrap, topics.input, records[lo:min(lo + 50,
-                                                                                    tail_from)]))
+                chunk = records[lo:min(lo + 50, tail_from)]
+                live.extend(produce(topics.bootstrap, topics.input, chunk))
                 feeding.set()
                 time.sleep(0.02)
 

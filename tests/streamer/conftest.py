@@ -1,6 +1,12 @@
-"""Shared builders for the streamer tests: small seeded models and specs."""
+"""Shared builders for the streamer tests: small seeded models and specs.
+
+``STREAMER_TEST_DEVICE=cuda`` runs the equivalence tests (model, engine) on a GPU:
+scripts/check_cuda.sh does that on a machine that has one.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -8,15 +14,17 @@ import torch
 from streamer.features import FeatureSpec, default_spec
 from streamer.model import LSTMModel, ModelConfig
 
+TEST_DEVICE = torch.device(os.environ.get("STREAMER_TEST_DEVICE", "cpu"))
+
 
 def make_model(
     spec: FeatureSpec | None = None, hidden: int = 16, layers: int = 2, seed: int = 0,
-    task: str = "regression",
+    task: str = "regression", device: torch.device | str = "cpu",
 ) -> LSTMModel:
     spec = spec or default_spec("generic", n_features=4)
     torch.manual_seed(seed)
     cfg = ModelConfig(input_size=spec.n_features, hidden_size=hidden, num_layers=layers, task=task)
-    return LSTMModel(cfg, spec).eval()
+    return LSTMModel(cfg, spec).eval().to(device)
 
 
 @pytest.fixture

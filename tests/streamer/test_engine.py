@@ -10,13 +10,18 @@ from streamer.features import default_spec
 from streamer.state import StateStore
 
 from ..reference import reference_predictions
-from .conftest import make_model
+from .conftest import TEST_DEVICE
+from .conftest import make_model as _make_model
+
+
+def make_model(**kw):  # every model of this module lives on the test device
+    return _make_model(device=TEST_DEVICE, **kw)
 
 
 def _store(model, capacity: int = 256, window: int = 8) -> StateStore:
     cfg = model.config
     return StateStore(cfg.num_layers, cfg.hidden_size, model.spec.raw_width,
-                      model.spec.n_features, capacity, window=window)
+                      model.spec.n_features, capacity, window=window, device=TEST_DEVICE)
 
 
 def _random_stream(rng: np.random.Generator, n: int, n_keys: int, kind: str):
@@ -100,7 +105,7 @@ def test_rewarm_equals_fresh_replay_of_buffered_window(window: int) -> None:
     store = engine.store
     for key in set(keys):
         idx = [i for i, k in enumerate(keys) if k == key][-window:]
-        x = torch.as_tensor(raw[idx], dtype=torch.float32).unsqueeze(0)  # generic: x = raw
+        x = torch.as_tensor(raw[idx], dtype=torch.float32, device=TEST_DEVICE).unsqueeze(0)
         with torch.no_grad():
             _, (h, c) = new_model(x)
         slot = store.slot(key)

@@ -6,13 +6,18 @@ from torch.testing import assert_close
 
 from streamer.features import default_spec
 
-from .conftest import make_model
+from .conftest import TEST_DEVICE
+from .conftest import make_model as _make_model
+
+
+def make_model(**kw):  # every model of this module lives on the test device
+    return _make_model(device=TEST_DEVICE, **kw)
 
 
 @pytest.mark.parametrize("layers", [1, 2, 3])
 def test_step_by_step_equals_full_sequence_forward(layers: int) -> None:
     model = make_model(layers=layers, hidden=32)
-    x = torch.randn(5, 40, 4)
+    x = torch.randn(5, 40, 4, device=TEST_DEVICE)
     with torch.no_grad():
         y_full, (h_full, c_full) = model(x)
         h, c = model.zero_state(5)
@@ -28,8 +33,9 @@ def test_step_by_step_equals_full_sequence_forward(layers: int) -> None:
 def test_padded_forward_equals_per_row_forward() -> None:
     model = make_model()
     lengths = torch.tensor([7, 3, 1, 5])
-    x = torch.randn(4, 7, 4)
-    h0, c0 = torch.randn(2, 4, 16), torch.randn(2, 4, 16)
+    x = torch.randn(4, 7, 4, device=TEST_DEVICE)
+    h0 = torch.randn(2, 4, 16, device=TEST_DEVICE)
+    c0 = torch.randn(2, 4, 16, device=TEST_DEVICE)
     with torch.no_grad():
         y, h, c = model.forward_padded(x, lengths, h0, c0)
         for b, n in enumerate(lengths.tolist()):
@@ -42,12 +48,14 @@ def test_padded_forward_equals_per_row_forward() -> None:
 def test_normalization_and_output_units() -> None:
     spec = default_spec("generic", n_features=2).with_stats([10.0, -1.0], [2.0, 0.5])
     model = make_model(spec=spec)
-    assert_close(model.normalize(torch.tensor([[12.0, -1.5]])), torch.tensor([[1.0, -1.0]]))
-    assert_close(model.to_prediction(torch.tensor([[1.0]])), torch.tensor([[12.0]]))
+    x = torch.tensor([[12.0, -1.5]], device=TEST_DEVICE)
+    assert_close(model.normalize(x), torch.tensor([[1.0, -1.0]], device=TEST_DEVICE))
+    y = torch.tensor([[1.0]], device=TEST_DEVICE)
+    assert_close(model.to_prediction(y), torch.tensor([[12.0]], device=TEST_DEVICE))
     clf = make_model(task="classification")
-    probs = clf.to_prediction(torch.randn(3, 3))
+    probs = clf.to_prediction(torch.randn(3, 3, device=TEST_DEVICE))
     assert probs.shape == (3, 3)
-    assert_close(probs.sum(-1), torch.ones(3))
+    assert_close(probs.sum(-1), torch.ones(3, device=TEST_DEVICE))
 
 
 def test_model_rejects_spec_with_other_width() -> None:

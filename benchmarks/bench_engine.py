@@ -1,0 +1,92 @@
+"""Engine-only figures (no Kafka): events/s per batch size, re-warm time, copies per batch.
+
+    .venv/bin/python benchmarks/bench_engine.py [--device cpu|cuda] [--keys 10000]
+
+Prints medians over repeated runs. On CUDA it also counts host<->device copies in one
+``Engine.process`` call with the profiler (the design keeps it to one in, one out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from streamer.engine import Engine
+from streamer.features import default_spec
+from streamer.model import LSTMModel, ModelConfig
+from streamer.state import StateStore
+
+F, H, L = 8, 64, 2
+
+
+def build(device: torch.device, keys: int, window: int) -> Engine:
+    torch.manual_seed(0)
+    model = LSTMModel(ModelConfig(input_size=F, hidden_size=H, num_layers=L),
+                      default_spec("generic", F)).to(device).eval()
+    return Engine(model, StateStore(L, H, F, F, capacity=keys, window=window, device=device))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    runs = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs[1:])
+
+
+def batch_of(rng: np.random.Generator, names: list[str], n: int):  # type: ignore[no-untyped-def]
+    keys = [names[i] for i in rng.integers(0, len(names), size=n)]
+    return keys, [0] * n, rng.normal(size=(n, F)), np.arange(n, dtype=np.float64)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--keys", type=int, default=10_000)
+    ap.add_argument("--window", type=int, default=32)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    rng = np.random.default_rng(0)
+    names = [f"k{i}" for i in range(args.keys)]
+    engine = build(device, args.keys, args.window)
+    print(f"device={device} F={F} H={H} L={L} keys={args.keys} W={args.window} "
+          f"torch threads={torch.get_num_threads()}")
+    print(f"state bytes per key: {engine.store.bytes_per_key}")
+    for n in (1, 64, 512, 2048, 8192):
+        batch = batch_of(rng, names, n)
+        s = timed(lambda b=batch: engine.process(*b, 0.0), device, 12)
+        print(f"batch {n:>5}: {s * 1e3:8.3f} ms/step  {n / s:>12,.0f} events/s")
+    # Fill every key's window, then time a re-warming swap over all live keys.
+    for _ in range(0, args.keys * args.window, 8192):
+        engine.process(*batch_of(rng, names, 8192), 0.0)
+    live = len(engine.store)
+    torch.manual_seed(1)
+    new = LSTMModel(engine.model.config, engine.model.spec).to(device).eval()
+    s = timed(lambda: engine.swap_model(new, "rewarm"), device, 5)
+    print(f"re-warm of {live:,} live keys (window {args.window}): {s * 1e3:.1f} ms")
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        batch = batch_of(rng, names, 2048)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.process(*batch, 0.0)
+            sync(device)
+        copies = [e.name for e in prof.events() if "Memcpy" in e.name]
+        print(f"memcpy events in one process() call: {len(copies)} "
+              f"(HtoD {sum('HtoD' in c for c in copies)}, DtoH {sum('DtoH' in c for c in copies)})")
+
+
+if __name__ == "__main__":
+    main()

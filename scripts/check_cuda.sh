@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# One prepared GPU check: the CUDA path gives the same predictions as the CPU-proven reference.
+# Run from the repository root on a machine with an NVIDIA GPU and the venv from `make venv`
+# (or any Python with torch+CUDA and this package installed):   bash scripts/check_cuda.sh
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+"$PY" -c "import torch, sys; ok = torch.cuda.is_available(); print('cuda:', ok, torch.__version__, torch.cuda.get_device_name(0) if ok else ''); sys.exit(0 if ok else 1)"
+# Step == full forward, padded == per-row, engine == per-event reference, re-warm == replay.
+STREAMER_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/streamer/test_model.py tests/streamer/test_engine.py
+"$PY" benchmarks/bench_engine.py --device cuda --keys 10000
