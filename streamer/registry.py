@@ -180,12 +180,12 @@ class Registry:
             if final.exists():
                 raise RegistryError(f"{self}: version {version!r} appeared while publishing")
             os.rename(tmp, final)
+            _fsync_dir(self.dir)
         except OSError as exc:
             raise RegistryError(f"{self}: cannot publish {version!r}: {exc}") from exc
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(self.dir)
         if make_current:
             self.promote(version)
         return version
@@ -235,21 +235,30 @@ class Registry:
 
     def _write_current(self, version: str) -> None:
         tmp = self.dir / f"{_TMP_PREFIX}{CURRENT}-{uuid.uuid4().hex}"
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(version + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / CURRENT)  # atomic: readers see the old or the new name
-        _fsync_dir(self.dir)
+        try:
+            with tmp.open("w", encoding="utf-8") as f:
+                f.write(version + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.dir / CURRENT)  # atomic: readers see the old or the new name
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise RegistryError(f"{self}: cannot switch CURRENT to {version!r}: {exc}") from exc
 
     def _append_history(self, entry: dict[str, Any]) -> None:
         line = json.dumps({"at": time.time(), **entry}, separators=(",", ":")) + "\n"
-        fd = os.open(self.dir / HISTORY, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.dir / HISTORY, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            # CURRENT already switched; only rollback bookkeeping is lost, so say so loudly.
+            raise RegistryError(f"{self}: switched CURRENT but cannot append to HISTORY: {exc}"
+                                ) from exc
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -1,0 +1,155 @@
+"""The `trainer` command line end to end, on real files and a real registry directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamer.artifact import load_artifact
+from streamer.registry import Registry
+from trainer.cli import main
+
+FAST = ["--hidden", "16", "--layers", "1", "--epochs", "3", "--seq-len", "32",
+        "--device", "cpu", "--no-progress"]
+
+
+def _registry(tmp_path: Path) -> Registry:
+    return Registry(tmp_path / "models", "default")
+
+
+def test_init_writes_a_seeded_untrained_artifact(tmp_path: Path) -> None:
+    args = ["init", "--kind", "sensor", "--readings", "temp,vibration,pressure",
+            "--hidden", "24", "--layers", "3", "--seed", "5"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    a, b = load_artifact(tmp_path / "a"), load_artifact(tmp_path / "b")
+    assert a.metadata.features.names == ("temp", "vibration", "pressure")
+    assert (a.metadata.model.hidden_size, a.metadata.model.num_layers) == (24, 3)
+    assert a.metadata.seed == 5 and a.metadata.metrics == {"untrained": True}
+    assert all((a.model.state_dict()[k] == v).all() for k, v in b.model.state_dict().items())
+
+    assert main(["init", "--features", "6", "--hidden", "8", "--layers", "1",
+                 "--registry", str(tmp_path / "models")]) == 0
+    art = _registry(tmp_path).load()
+    assert art.metadata.features.kind == "generic" and art.metadata.features.n_features == 6
+
+
+def test_bad_settings_exit_2_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["init", "--layers", "auto", "--out", str(tmp_path / "x")]) == 2
+    assert "layers" in capsys.readouterr().err
+    assert main(["train", "--hidden", "big", "--input", "x.jsonl"]) == 2
+    assert "hidden" in capsys.readouterr().err
+    monkeypatch.setenv("TRAINER_VAL_FRACTION", "1.5")
+    assert main(["train", "--input", "x.jsonl"]) == 2
+    assert "TRAINER_VAL_FRACTION" in capsys.readouterr().err
+    monkeypatch.delenv("TRAINER_VAL_FRACTION")
+    assert main(["train", "--input", str(tmp_path / "missing.jsonl"),
+                 "--registry", str(tmp_path / "models"), *FAST]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_train_publish_gate_list_promote_rollback(
+    tmp_path: Path, tick_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = str(tmp_path / "models")
+    reg = _registry(tmp_path)
+    assert main(["init", "--kind", "tick", "--hidden", "16", "--layers", "1",
+                 "--registry", root]) == 0
+    untrained = reg.current()
+
+    # A trained model beats the untrained current one and persistence: published.
+    assert main(["train", "--input", str(tick_file), "--registry", root, *FAST]) == 0
+    out = capsys.readouterr().out
+    trained = reg.current()
+    assert trained != untrained and "gate passes" in out and "persistence" in out
+    meta = reg.load().metadata
+    assert meta.metrics["compared_with"] == untrained
+    assert {"candidate", "production", "persistence", "moving_average", "ar"} <= set(
+        meta.metrics["evaluation"]["overall"])
+    assert meta.data_range is not None and meta.data_range["events"] == 6000
+
+    # A worse candidate (no training at all) is refused; the current version stays.
+    worse = ["train", "--input", str(tick_file), "--registry", root, *FAST, "--epochs", "0"]
+    assert main(worse) == 0
+    assert "refused" in capsys.readouterr().out and reg.current() == trained
+    assert len(reg.versions()) == 2
+    # --force overrides the gate and records that it did.
+    assert main([*worse, "--force"]) == 0
+    forced = reg.current()
+    assert forced not in (trained, untrained) and reg.load().metadata.metrics["gate"]["forced"]
+
+    assert main(["list", "--registry", root]) == 0
+    listing = capsys.readouterr().out
+    assert all(v in listing for v in (untrained, trained, forced))
+    assert main(["rollback", "--registry", root]) == 0 and reg.current() == trained
+    assert main(["promote", untrained, "--registry", root]) == 0
+    assert reg.current() == untrained
+    assert main(["promote", "v-nope", "--registry", root]) == 1
+
+
+def test_a_different_state_shape_is_refused_unless_forced(
+    tmp_path: Path, small_tick_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = str(tmp_path / "models")
+    assert main(["init", "--kind", "tick", "--hidden", "32", "--layers", "2",
+                 "--registry", root]) == 0
+    before = _registry(tmp_path).current()
+    assert main(["train", "--input", str(small_tick_file), "--registry", root, *FAST]) == 0
+    assert "cannot hot-swap" in capsys.readouterr().out
+    assert _registry(tmp_path).current() == before
+    # Without shape flags a retrain keeps the current model's shape, so it can go live.
+    assert main(["train", "--input", str(small_tick_file), "--registry", root,
+                 "--epochs", "2", "--device", "cpu", "--no-progress"]) == 0
+    assert "cannot hot-swap" not in capsys.readouterr().out
+    art = _registry(tmp_path).load()
+    assert art.metadata.version != before
+    assert (art.model.config.num_layers, art.model.config.hidden_size) == (2, 32)
+
+
+def test_evaluate_prints_and_writes_the_report(
+    tmp_path: Path, small_tick_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = str(tmp_path / "models")
+    assert main(["init", "--kind", "tick", "--hidden", "16", "--layers", "1",
+                 "--registry", root]) == 0
+    first = _registry(tmp_path).current()
+    assert main(["train", "--input", str(small_tick_file), "--registry", root, *FAST]) == 0
+    capsys.readouterr()
+    report_path = tmp_path / "report.json"
+    assert main(["evaluate", "--input", str(small_tick_file), "--registry", root,
+                 "--version", str(first), "--json", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    assert "AR(5) per key" in out and "persistence" in out
+    report = json.loads(report_path.read_text())
+    assert {"candidate", "production", "persistence"} <= set(report["overall"])
+    assert report["per_key"] and report["primary"] == "mae"
+
+
+def test_out_dir_and_layers_auto(tmp_path: Path, small_tick_file: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "artifact"
+    assert main(["train", "--input", str(small_tick_file), "--out", str(out_dir),
+                 "--registry", str(tmp_path / "models"), *FAST, "--layers", "auto",
+                 "--hidden", "8", "--epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    meta = load_artifact(out_dir).metadata
+    candidates = meta.metrics["candidates"]
+    assert [c["layers"] for c in candidates] == [1, 2, 3]
+    assert sum(c["chosen"] for c in candidates) == 1 and "chosen" in printed
+    chosen = next(c for c in candidates if c["chosen"])
+    assert meta.model.num_layers == chosen["layers"]
+    assert _registry(tmp_path).versions() == []  # --out leaves the registry alone
+
+
+def test_console_entry_point_runs() -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-m", "trainer", "train", "--help"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0
+    assert "TRAINER_REGISTRY" in proc.stdout and "--layers" in proc.stdout

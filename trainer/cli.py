@@ -1,0 +1,260 @@
+"""`trainer` console script: init, train, evaluate, list, promote, rollback, schedule.
+
+Exit codes: 0 done (a gate refusal is a normal outcome, not an error), 1 the run failed
+(registry, artifact, Kafka), 2 bad settings or usage.
+
+    trainer init --kind tick --hidden 64 --layers 2 --registry models
+    trainer train --input ticks.jsonl --registry models --layers auto --hidden 32,64
+    trainer train --bootstrap-servers kafka:9092 --topic events --since 7d
+    trainer evaluate --input ticks.jsonl --registry models
+    trainer list --registry models; trainer promote VERSION; trainer rollback
+    trainer schedule --every 6h --since 7d --bootstrap-servers kafka:9092
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from streamer.artifact import read_metadata, save_artifact
+from streamer.errors import ConfigError, StreamerError
+from streamer.features import default_spec
+from streamer.metrics import HealthState, MetricsServer
+from streamer.model import LSTMModel, ModelConfig
+from streamer.registry import Registry, new_version_name
+from streamer.settings import add_settings_arguments, settings_from_args, split_host_port
+from trainer.data import parse_duration
+from trainer.evaluate import render
+from trainer.pipeline import evaluate_version, run_training
+from trainer.schedule import RunSummary, Scheduler, TrainerMetrics
+from trainer.settings import REGISTRY_FIELDS, TrainerSettings
+
+log = logging.getLogger("trainer")
+
+_INIT_FIELDS = REGISTRY_FIELDS + (
+    "kind", "features", "readings", "target", "task", "flat_band", "hidden", "layers",
+    "dropout", "seed",
+)
+_NOT_TRAINING = ("metrics_address", "pushgateway")
+
+
+def _exclude(keep: Sequence[str]) -> list[str]:
+    return [name for name in TrainerSettings.model_fields if name not in keep] + ["config"]
+
+
+def _input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", type=Path, default=[], metavar="FILE",
+                   help="JSONL or CSV event files; without them history comes from Kafka")
+
+
+def _progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="live progress display (default: when stderr is a terminal)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a seeded untrained model (artifact or registry)")
+    add_settings_arguments(p, TrainerSettings, exclude=_exclude(_INIT_FIELDS))
+    p.add_argument("--out", type=Path, help="artifact directory to write instead of publishing")
+
+    p = sub.add_parser("train", help="train, evaluate and publish if better than current")
+    add_settings_arguments(p, TrainerSettings, exclude=_NOT_TRAINING)
+    _input_args(p)
+    _progress_arg(p)
+    p.add_argument("--force", action="store_true", help="publish even if the gate refuses")
+    p.add_argument("--out", type=Path, help="write the model here instead of the registry")
+
+    p = sub.add_parser("evaluate", help="score a version against current and baselines")
+    add_settings_arguments(p, TrainerSettings, exclude=_NOT_TRAINING)
+    _input_args(p)
+    p.add_argument("--version", help="registry version to score (default: current)")
+    p.add_argument("--model", type=Path, help="artifact directory to score instead")
+    p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    p.add_argument("--keys", type=int, default=10, help="per-key rows to print")
+
+    for name, text in (("list", "list versions"), ("rollback", "back to the previous version")):
+        p = sub.add_parser(name, help=text)
+        add_settings_arguments(p, TrainerSettings, exclude=_exclude(REGISTRY_FIELDS))
+    p = sub.add_parser("promote", help="make VERSION current")
+    add_settings_arguments(p, TrainerSettings, exclude=_exclude(REGISTRY_FIELDS))
+    p.add_argument("version", metavar="VERSION")
+
+    p = sub.add_parser("schedule", help="retrain every interval in a long-running process")
+    add_settings_arguments(p, TrainerSettings)
+    _input_args(p)
+    p.add_argument("--every", required=True, help="interval, e.g. 30m, 6h, 1d")
+    p.add_argument("--force", action="store_true", help="publish even if the gate refuses")
+    p.add_argument("--max-runs", type=int, help="stop after this many runs (default: never)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        settings = settings_from_args(TrainerSettings, args)
+        logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return _COMMANDS[args.command](settings, args, console)
+    except ConfigError as exc:
+        print(f"trainer: {exc}", file=sys.stderr)
+        return 2
+    except StreamerError as exc:
+        print(f"trainer {args.command} failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() if args.progress is None else bool(args.progress)
+
+
+def cmd_init(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
+    if settings.depth is None or len(settings.hidden_sizes) != 1:
+        raise ConfigError("layers", "init needs one depth and one hidden size, not auto/lists")
+    kind = settings.kind or "generic"
+    spec = default_spec(kind, settings.features or 8,
+                        settings.reading_names or ("temp", "vibration", "pressure"),
+                        settings.target)
+    config = ModelConfig(input_size=spec.n_features, hidden_size=settings.hidden_sizes[0],
+                         num_layers=settings.depth, dropout=settings.dropout,
+                         task=settings.task, flat_band=settings.flat_band)
+    torch.manual_seed(settings.seed)
+    model = LSTMModel(config, spec).eval()
+    metrics = {"untrained": True}
+    if args.out is not None:
+        version = new_version_name()
+        save_artifact(args.out, model, version, metrics=metrics, seed=settings.seed)
+        console.print(f"wrote untrained {kind} model {version} to {args.out}")
+        return 0
+    registry = Registry(settings.registry, settings.model_name)
+    version = registry.publish(model, metrics=metrics, seed=settings.seed, make_current=True)
+    console.print(f"published untrained {kind} model {version} as current of {registry}")
+    return 0
+
+
+def cmd_train(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
+    run_training(settings, args.input, force=args.force, out=args.out, console=console,
+                 progress=_progress(args))
+    return 0
+
+
+def cmd_evaluate(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
+    report = evaluate_version(settings, args.input, version=args.version, model_dir=args.model)
+    render(report, console, max_keys=args.keys)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_list(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
+    registry = Registry(settings.registry, settings.model_name)
+    current = registry.current()
+    table = Table(title=f"{registry}")
+    table.add_column("")
+    table.add_column("version", no_wrap=True)
+    for col in ("task", "shape", "target", "val MAE", "persistence MAE"):
+        table.add_column(col)
+    for version in registry.versions():
+        try:
+            meta = read_metadata(registry.dir / version)
+        except StreamerError as exc:
+            table.add_row("", version, f"[red]unreadable: {exc}[/]")
+            continue
+        overall = meta.metrics.get("evaluation", {}).get("overall", {})
+        table.add_row(
+            "*" if version == current else "", version, meta.model.task,
+            f"{meta.model.num_layers}x{meta.model.hidden_size}",
+            f"{meta.features.kind}:{meta.features.target}",
+            _num(overall.get("candidate", {}).get("mae")),
+            _num(overall.get("persistence", {}).get("mae")),
+        )
+    console.print(table)
+    return 0
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def cmd_promote(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
+    registry = Registry(settings.registry, settings.model_name)
+    registry.promote(args.version)
+    console.print(f"{registry}: current is now {args.version}")
+    return 0
+
+
+def cmd_rollback(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
+    registry = Registry(settings.registry, settings.model_name)
+    version = registry.rollback()
+    console.print(f"{registry}: rolled back to {version}")
+    return 0
+
+
+def cmd_schedule(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
+    try:
+        every = parse_duration(args.every)
+    except ValueError as exc:
+        raise ConfigError("every", str(exc)) from exc
+
+    def run_once() -> RunSummary:
+        run = run_training(settings, args.input, force=args.force, console=console)
+        return RunSummary(run.outcome, run.version, run.val_mae)
+
+    metrics = TrainerMetrics()
+    health = HealthState()
+    stop = threading.Event()
+    scheduler = Scheduler(run_once, every, metrics, stop=stop, max_runs=args.max_runs,
+                          pushgateway=settings.pushgateway, on_beat=health.beat)
+    with _stop_on_signals(stop):
+        if settings.pushgateway is not None:
+            scheduler.run()
+            return 0
+        host, port = split_host_port(settings.metrics_address)
+        # A run may take long; liveness means "the loop is alive": allow an interval + 1h.
+        with MetricsServer(metrics.registry, health, host, port,
+                           heartbeat_timeout_s=every + 3600):
+            health.set_ready(True)
+            log.info("metrics on %s:%d, retraining every %s", host, port, args.every)
+            scheduler.run()
+    return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM/SIGINT end the loop after the current run; old handlers come back after."""
+    previous: dict[signal.Signals, Any] = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    except ValueError:  # not the main thread: the caller stops us through the event
+        pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+_COMMANDS: dict[str, Callable[[TrainerSettings, argparse.Namespace, Console], int]] = {
+    "init": cmd_init, "train": cmd_train, "evaluate": cmd_evaluate, "list": cmd_list,
+    "promote": cmd_promote, "rollback": cmd_rollback, "schedule": cmd_schedule,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

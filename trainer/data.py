@@ -1,0 +1,387 @@
+"""Training history: events from JSONL/CSV files or from the input Kafka topic, per key, in time.
+
+Why it reuses the streamer's code: every record goes through ``streamer.events.decode`` and
+``streamer.features.sequence_features``, exactly what serving runs, so a model never trains on
+features the streamer would compute differently (or on events the streamer would dead-letter).
+
+Usage::
+
+    records = read_files([Path("ticks.jsonl")])              # or read_topic(...).records
+    spec = resolve_spec(records, kind=None)                    # inferred from the first event
+    history = decode_history(records, spec)
+    history.series["SYM0001"].ts, history.features("SYM0001")  # [T], [T, F]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamer.errors import BadEvent, ConfigError, KafkaEdgeError
+from streamer.events import MILLIS_THRESHOLD, Message, decode
+from streamer.features import EventKind, FeatureSpec, default_spec, sequence_features
+
+log = logging.getLogger(__name__)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_KEY_COLUMNS: dict[str, EventKind] = {"symbol": "tick", "sensor_id": "sensor", "key": "generic"}
+
+
+# --- time and offset arguments ----------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``45s``, ``30m``, ``6h``, ``7d``, ``1w`` (a bare number is seconds)."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (examples: 30s, 15m, 6h, 7d)")
+    return float(match.group(1)) * _UNIT_S[match.group(2) or "s"]
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """Epoch seconds from ISO-8601, epoch seconds/milliseconds, or a duration meaning "ago".
+
+    ``7d`` is seven days before ``now``, which lets a scheduled run say "the last week".
+    """
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        return value / 1000.0 if abs(value) >= MILLIS_THRESHOLD else value
+    if _DURATION.match(text):
+        return (time.time() if now is None else now) - parse_duration(text)
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"not a time: {text!r} (ISO-8601, epoch seconds or e.g. 7d)") from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def parse_offsets(text: str) -> dict[int, int] | int:
+    """``1200`` (every partition) or ``0:1200,1:900`` (per partition) start offsets."""
+    text = text.strip()
+    if ":" not in text:
+        return int(text)
+    out: dict[int, int] = {}
+    for part in text.split(","):
+        partition, _, offset = part.partition(":")
+        out[int(partition)] = int(offset)
+    return out
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# --- reading records --------------------------------------------------------------------
+
+
+def read_files(paths: Sequence[Path]) -> list[Message]:
+    """Records from JSONL files (one event object per line) or CSV files (one event per row).
+
+    CSV columns: ``ts`` plus the key column, which also says the kind: ``symbol`` (tick:
+    price, size, bid, ask), ``sensor_id`` (sensor: every other column is a reading) or
+    ``key`` (generic: every other column is a value, in column order).
+    """
+    records: list[Message] = []
+    for path in paths:
+        path = Path(path)
+        try:
+            if path.suffix.lower() == ".csv":
+                records.extend(_csv_records(path))
+            else:
+                with path.open("rb") as f:
+                    records.extend(Message(None, line.strip()) for line in f if line.strip())
+        except OSError as exc:
+            raise ConfigError("input", f"cannot read {path}: {exc.strerror or exc}") from exc
+    return records
+
+
+def _csv_records(path: Path) -> Iterator[Message]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        key_col = next((c for c in _KEY_COLUMNS if c in columns), None)
+        if key_col is None or "ts" not in columns:
+            raise ConfigError(
+                "input", f"{path}: a CSV needs a 'ts' column and one of {list(_KEY_COLUMNS)}"
+            )
+        kind = _KEY_COLUMNS[key_col]
+        rest = [c for c in columns if c not in (key_col, "ts")]
+        for row in reader:
+            event = _csv_event(kind, key_col, rest, row)
+            yield Message(None, json.dumps(event, separators=(",", ":")).encode())
+
+
+def _csv_event(kind: EventKind, key_col: str, rest: list[str], row: dict[str, str]) -> Any:
+    def num(text: str | None) -> Any:
+        if text is None or text.strip() == "":
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return text  # decode() reports it as a schema error, like the streamer would
+
+    event: dict[str, Any] = {key_col: row[key_col], "ts": num(row["ts"])}
+    if kind == "tick":
+        event.update({c: num(row.get(c)) for c in ("price", "size", "bid", "ask")})
+        return {k: v for k, v in event.items() if v is not None or k in ("price", "size")}
+    if kind == "sensor":
+        event["readings"] = {c: num(row[c]) for c in rest}
+    else:
+        event["values"] = [num(row[c]) for c in rest]
+    return event
+
+
+@dataclass
+class TopicSlice:
+    """What was read from a topic: the records and, per partition, [start, stop) offsets."""
+
+    records: list[Message]
+    offsets: dict[int, tuple[int, int]]
+
+
+def read_topic(
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    since: float | None = None,
+    until: float | None = None,
+    start_offsets: dict[int, int] | int | None = None,
+    consumer_config: Mapping[str, Any] | None = None,
+    timeout_s: float = 120.0,
+) -> TopicSlice:
+    """Read a bounded slice of ``topic``: from a time or offset up to the end offsets seen now.
+
+    ``since``/``until`` select by record timestamp (epoch seconds): the consumer seeks with
+    offsets_for_times and also filters, so a broker that cannot look up times still gives
+    the right records (it only reads more). ``start_offsets`` as a dict reads only the
+    partitions it names. No consumer group: nothing is committed.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
+    try:
+        consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
+            # Retention may delete the start offset while we read: resume at the new start.
+            auto_offset_reset="earliest", fetch_max_wait_ms=10, client_id="trainer",
+            **dict(consumer_config or {}),
+        )
+    except KafkaError as exc:
+        raise KafkaEdgeError(f"cannot connect to {bootstrap_servers}: {exc}") from exc
+    try:
+        partitions = _partitions(consumer, topic, timeout_s)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        start, stop = _bounds(consumer, tps, since, until, start_offsets)
+        records = _read_to_stop(consumer, start, stop, since, until, timeout_s)
+    except KafkaError as exc:
+        raise KafkaEdgeError(f"reading {topic} from {bootstrap_servers} failed: {exc}") from exc
+    finally:
+        consumer.close()
+    offsets = {tp.partition: (start[tp], stop[tp]) for tp in tps}
+    return TopicSlice(records, offsets)
+
+
+def _partitions(consumer: Any, topic: str, timeout_s: float) -> set[int]:
+    deadline = time.monotonic() + min(timeout_s, 30.0)
+    while True:
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions:
+            return set(partitions)
+        if time.monotonic() > deadline:
+            raise KafkaEdgeError(f"topic {topic!r} not found")
+        time.sleep(0.2)
+
+
+def _bounds(
+    consumer: Any,
+    tps: list[Any],
+    since: float | None,
+    until: float | None,
+    start_offsets: dict[int, int] | int | None,
+) -> tuple[dict[Any, int], dict[Any, int]]:
+    begin = consumer.beginning_offsets(tps)
+    stop = dict(consumer.end_offsets(tps))  # a snapshot: a growing topic still ends
+    start = dict(begin)
+    if isinstance(start_offsets, int):
+        start = {tp: max(begin[tp], start_offsets) for tp in tps}
+    elif start_offsets is not None:
+        start = {tp: max(begin[tp], start_offsets.get(tp.partition, stop[tp])) for tp in tps}
+    for bound, at in ((since, start), (until, stop)):
+        if bound is None:
+            continue
+        found = consumer.offsets_for_times({tp: int(bound * 1000) for tp in tps})
+        for tp, hit in found.items():
+            if hit is not None:  # None: no such record, or a broker that cannot tell
+                at[tp] = max(at[tp], hit.offset) if at is start else min(at[tp], hit.offset)
+    return start, stop
+
+
+def _read_to_stop(
+    consumer: Any,
+    start: dict[Any, int],
+    stop: dict[Any, int],
+    since: float | None,
+    until: float | None,
+    timeout_s: float,
+) -> list[Message]:
+    pending = {tp for tp in start if start[tp] < stop[tp]}
+    for tp in start:
+        consumer.seek(tp, start[tp])
+    lo = -math.inf if since is None else since * 1000
+    hi = math.inf if until is None else until * 1000
+    records: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        if time.monotonic() > deadline:
+            raise KafkaEdgeError(f"timed out reading to the end offsets ({len(records)} read)")
+        for tp, batch in consumer.poll(timeout_ms=200, max_records=10_000).items():
+            for msg in batch:
+                if msg.offset < stop[tp] and lo <= msg.timestamp < hi:
+                    records.append(Message(msg.key, msg.value, msg.partition, msg.offset))
+        for tp in list(pending):
+            if consumer.position(tp) >= stop[tp]:
+                pending.discard(tp)
+                consumer.pause(tp)
+    return records
+
+
+# --- decoding and features ----------------------------------------------------------------
+
+
+def resolve_spec(
+    records: Sequence[Message],
+    kind: EventKind | None = None,
+    n_features: int | None = None,
+    readings: Sequence[str] | None = None,
+    target: str | None = None,
+    base: FeatureSpec | None = None,
+) -> FeatureSpec:
+    """The feature layout to decode with: explicit arguments, else ``base`` (the production
+    model's spec, so a retrained model stays swappable), else the first event's shape."""
+    explicit = n_features is not None or bool(readings)
+    if base is not None and kind in (None, base.kind) and not explicit:
+        spec = base
+    else:
+        need_sample = kind is None or (kind == "generic" and n_features is None) or (
+            kind == "sensor" and not readings)
+        sample = _first_object(records) if need_sample else {}
+        kind = kind or _infer_kind(sample)
+        if kind == "generic" and n_features is None:
+            n_features = len(sample.get("values") or []) or None
+        if kind == "sensor" and not readings:
+            readings = tuple(sample.get("readings") or ()) or None
+        if (kind == "generic" and not n_features) or (kind == "sensor" and not readings):
+            raise ConfigError("kind", f"cannot tell the {kind} event layout from the data")
+        spec = default_spec(kind, n_features or 1, tuple(readings or ("x",)))
+    if target is None or target == spec.target:
+        return spec
+    try:
+        return FeatureSpec.model_validate({**spec.model_dump(), "target": target})
+    except ValueError as exc:
+        raise ConfigError("target", f"{target!r} is not one of {list(spec.names)}") from exc
+
+
+def _first_object(records: Iterable[Message]) -> dict[str, Any]:
+    for rec in records:
+        try:
+            obj = json.loads(rec.value or b"")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(obj, dict):
+            return obj
+    raise ConfigError("input", "no JSON event found in the history to infer its shape from")
+
+
+def _infer_kind(sample: dict[str, Any]) -> EventKind:
+    if "price" in sample:
+        return "tick"
+    if "readings" in sample:
+        return "sensor"
+    if "values" in sample:
+        return "generic"
+    raise ConfigError("kind", f"cannot tell the event kind from {sorted(sample)}; set --kind")
+
+
+@dataclass
+class KeySeries:
+    ts: np.ndarray  # [T] float64 epoch seconds, non-decreasing
+    raw: np.ndarray  # [T, R] float64 raw vectors (the spec's layout)
+
+
+@dataclass
+class History:
+    """Decoded events per key, each key's in time order; bad records counted by reason."""
+
+    spec: FeatureSpec
+    series: dict[str, KeySeries]
+    skipped: Counter[str] = field(default_factory=Counter)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_events(self) -> int:
+        return sum(len(s.ts) for s in self.series.values())
+
+    def features(self, key: str) -> np.ndarray:
+        """[T, F] float32: the streamer's feature code over this key's whole history."""
+        s = self.series[key]
+        x = sequence_features(self.spec, torch.from_numpy(s.raw), torch.from_numpy(s.ts))
+        return x.numpy()
+
+    def data_range(self) -> dict[str, Any]:
+        first = min((float(s.ts[0]) for s in self.series.values()), default=math.nan)
+        last = max((float(s.ts[-1]) for s in self.series.values()), default=math.nan)
+        out: dict[str, Any] = {
+            **self.source, "events": self.n_events, "keys": len(self.series),
+            "skipped": dict(self.skipped), "first_ts": first, "last_ts": last,
+        }
+        if self.series:
+            out["first"], out["last"] = iso(first), iso(last)
+        return out
+
+
+def decode_history(
+    records: Iterable[Message],
+    spec: FeatureSpec,
+    now: float | None = None,
+    max_future_s: float = 300.0,
+    source: dict[str, Any] | None = None,
+) -> History:
+    """Decode every record as the streamer would; bad ones are skipped and counted."""
+    now = time.time() if now is None else now
+    keys: dict[str, list[tuple[float, list[float]]]] = defaultdict(list)
+    skipped: Counter[str] = Counter()
+    for rec in records:
+        try:
+            ev = decode(rec.value, rec.key, spec, now, max_future_s)
+        except BadEvent as exc:
+            skipped[exc.reason] += 1
+            continue
+        keys[ev.key].append((ev.ts, ev.raw))
+    if skipped:
+        log.warning("skipped %d bad records: %s", sum(skipped.values()), dict(skipped))
+    series: dict[str, KeySeries] = {}
+    for key, events in keys.items():
+        ts = np.fromiter((t for t, _ in events), dtype=np.float64, count=len(events))
+        raw = np.asarray([r for _, r in events], dtype=np.float64).reshape(-1, spec.raw_width)
+        order = np.argsort(ts, kind="stable")  # Kafka order per partition, time order per key
+        series[key] = KeySeries(ts[order], raw[order])
+    return History(spec, series, skipped, dict(source or {}))

@@ -1,0 +1,255 @@
+"""One training run end to end: load history, train, evaluate, gate, publish.
+
+Why a module of its own: `trainer train`, `trainer schedule` and the demo run exactly this
+sequence, and only here do settings, the registry and the training code meet.
+
+Usage::
+
+    run = run_training(settings, files=[Path("ticks.jsonl")], force=False)
+    run.version          # the published version, or None when the gate refused
+    run.decision.reasons
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from streamer.artifact import Artifact, load_artifact, save_artifact
+from streamer.errors import ArtifactError
+from streamer.features import FeatureSpec
+from streamer.registry import Registry, new_version_name
+from trainer.data import History, decode_history, parse_offsets, parse_time, read_files, read_topic
+from trainer.data import resolve_spec as _resolve_spec
+from trainer.evaluate import GateDecision, evaluate, for_metadata, gate, render
+from trainer.settings import TrainerSettings
+from trainer.train import (
+    Candidate,
+    Dataset,
+    TrainOptions,
+    TrainResult,
+    build_dataset,
+    resolve_device,
+    train_model,
+)
+
+log = logging.getLogger(__name__)
+
+
+def options_from(settings: TrainerSettings) -> TrainOptions:
+    return TrainOptions(
+        task=settings.task, flat_band=settings.flat_band, hidden=settings.hidden_sizes,
+        layers=settings.depth, epochs=settings.epochs, seq_len=settings.seq_len,
+        batch_keys=settings.batch_keys, lr=settings.lr, weight_decay=settings.weight_decay,
+        dropout=settings.dropout, patience=settings.patience, clip=settings.clip,
+        seed=settings.seed, tolerance=settings.tolerance,
+    )
+
+
+def load_history(
+    settings: TrainerSettings,
+    files: Sequence[Path] = (),
+    base: FeatureSpec | None = None,
+    now: float | None = None,
+) -> History:
+    """History from ``files`` if given, else the Kafka topic slice the settings select."""
+    now = time.time() if now is None else now
+    source: dict[str, Any]
+    if files:
+        records = read_files(files)
+        source = {"source": "files", "files": [str(f) for f in files]}
+    else:
+        since = parse_time(settings.since, now) if settings.since else None
+        until = parse_time(settings.until, now) if settings.until else None
+        offsets = parse_offsets(settings.from_offsets) if settings.from_offsets else None
+        sliced = read_topic(
+            settings.bootstrap_servers, settings.topic, since=since, until=until,
+            start_offsets=offsets, consumer_config=settings.kafka_security_kwargs(),
+        )
+        records = sliced.records
+        source = {
+            "source": "kafka", "topic": settings.topic, "since": since, "until": until,
+            "offsets": {str(p): list(r) for p, r in sliced.offsets.items()},
+        }
+    spec = _resolve_spec(records, settings.kind, settings.features, settings.reading_names,
+                         settings.target, base)
+    history = decode_history(records, spec, now, source=source)
+    log.info("history: %d events over %d keys (%d skipped)", history.n_events,
+             len(history.series), sum(history.skipped.values()))
+    return history
+
+
+@dataclass
+class RunResult:
+    training: TrainResult
+    data: Dataset
+    report: dict[str, Any]
+    decision: GateDecision
+    version: str | None  # published (or written to --out); None when refused
+    production: str | None  # the version the candidate was compared with
+    data_range: dict[str, Any]
+
+    @property
+    def outcome(self) -> str:
+        """success | refused, the trainer_runs_total label."""
+        return "success" if self.version is not None else "refused"
+
+    @property
+    def val_mae(self) -> float | None:
+        value = self.report["overall"]["candidate"].get("mae")
+        return None if value is None else float(value)
+
+
+def _current(registry: Registry) -> Artifact | None:
+    if registry.current() is None:
+        return None
+    try:
+        return registry.load()
+    except ArtifactError as exc:
+        # A broken production model cannot be the bar; the candidate may replace it.
+        log.warning("current model is unusable and is not compared against: %s", exc)
+        return None
+
+
+def run_training(
+    settings: TrainerSettings,
+    files: Sequence[Path] = (),
+    *,
+    force: bool = False,
+    out: Path | None = None,
+    console: Console | None = None,
+    progress: bool = False,
+) -> RunResult:
+    """Train on the history, compare with the current model and baselines, publish if better.
+
+    With ``out`` the chosen model is written there as a plain artifact (no gate, no
+    registry change); otherwise it is published as the current version if the gate passes.
+    """
+    registry = Registry(settings.registry, settings.model_name)
+    current = _current(registry)
+    history = load_history(settings, files, current.model.spec if current else None)
+    data = build_dataset(history, settings.val_fraction)
+    options = _inherit(options_from(settings), settings, current)
+    training = train_model(data, options, resolve_device(settings.device), progress, console)
+    production = current.model if current else None
+    report = evaluate(
+        data, {"candidate": training.model, "production": production}, task=options.task,
+        flat_band=options.flat_band, ar_order=settings.ar_order, ma_window=settings.ma_window,
+    )
+    problems = _shape_problems(training, current)
+    decision = gate(report, force=force, has_production=current is not None,
+                    extra_problems=problems)
+    data_range = {**history.data_range(), **data.split}
+    metrics = {
+        "evaluation": for_metadata(report),
+        "candidates": [c.as_dict() for c in training.candidates],
+        "gate": decision.as_dict(),
+        "compared_with": current.metadata.version if current else None,
+    }
+    version: str | None = None
+    if out is not None:
+        version = new_version_name()
+        save_artifact(out, training.model, version, metrics=metrics, data_range=data_range,
+                      seed=options.seed)
+    elif decision.publish:
+        version = registry.publish(training.model, metrics=metrics, data_range=data_range,
+                                   seed=options.seed, make_current=True)
+    result = RunResult(training, data, report, decision, version,
+                       current.metadata.version if current else None, data_range)
+    if console is not None:
+        print_run(result, console, registry if out is None else None, out)
+    return result
+
+
+def _inherit(options: TrainOptions, settings: TrainerSettings, current: Artifact | None
+             ) -> TrainOptions:
+    """Unless told otherwise, a retrain keeps the serving model's shape and task, so its
+    successor stays comparable and hot-swappable (scheduled runs rely on this)."""
+    if current is None:
+        return options
+    given = settings.model_fields_set
+    cfg = current.model.config
+    changes: dict[str, Any] = {}
+    if not {"hidden", "layers"} & given:
+        changes.update(hidden=(cfg.hidden_size,), layers=cfg.num_layers)
+    if not {"task", "flat_band"} & given:
+        changes.update(task=cfg.task, flat_band=cfg.flat_band)
+    if changes:
+        log.info("keeping the current model's %s", ", ".join(sorted(changes)))
+    return replace(options, **changes)
+
+
+def _shape_problems(training: TrainResult, current: Artifact | None) -> list[str]:
+    """A running streamer keeps per-key state shaped [layers, keys, hidden]; a version with
+    another shape cannot be hot-swapped in, so it must not silently become current."""
+    if current is None:
+        return []
+    old, new = current.model.config, training.model.config
+    if (old.num_layers, old.hidden_size) == (new.num_layers, new.hidden_size):
+        return []
+    return [f"state shape layers={new.num_layers} hidden={new.hidden_size} differs from the "
+            f"current model's layers={old.num_layers} hidden={old.hidden_size}; a running "
+            "streamer cannot hot-swap it (use --force and restart the streamer)"]
+
+
+def evaluate_version(
+    settings: TrainerSettings,
+    files: Sequence[Path] = (),
+    *,
+    version: str | None = None,
+    model_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Score a registry version (default: current) or an artifact dir against the current
+    model and the baselines on the validation window of the given history."""
+    registry = Registry(settings.registry, settings.model_name)
+    art = load_artifact(model_dir) if model_dir is not None else registry.load(version)
+    current = _current(registry)
+    same = current is not None and current.metadata.version == art.metadata.version
+    history = load_history(settings, files, art.model.spec)
+    data = build_dataset(history, settings.val_fraction)
+    cfg = art.model.config
+    return evaluate(
+        data, {"candidate": art.model, "production": None if same else _model(current)},
+        task=cfg.task, flat_band=cfg.flat_band, ar_order=settings.ar_order,
+        ma_window=settings.ma_window,
+    )
+
+
+def _model(art: Artifact | None) -> Any:
+    return None if art is None else art.model
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+def candidates_table(candidates: Sequence[Candidate]) -> Table:
+    table = Table(title="candidates (smallest within tolerance of the best val loss wins)")
+    for col in ("layers", "hidden", "params", "val loss", "score", "epochs", ""):
+        table.add_column(col, justify="right")
+    for c in candidates:
+        score = ", ".join(f"{k} {v:.4g}" for k, v in c.score.items())
+        table.add_row(str(c.layers), str(c.hidden), str(c.params), f"{c.val_loss:.5f}", score,
+                      f"{c.best_epoch}/{c.epochs}", "chosen" if c.chosen else "")
+    return table
+
+
+def print_run(
+    result: RunResult, console: Console, registry: Registry | None, out: Path | None
+) -> None:
+    console.print(candidates_table(result.training.candidates))
+    render(result.report, console)
+    d = result.decision
+    verdict = "[green]passes[/]" if d.publish and not d.forced else (
+        "[yellow]forced[/]" if d.forced else "[red]refused[/]")
+    console.print(f"gate {verdict}: " + "; ".join(d.reasons))
+    if out is not None:
+        console.print(f"wrote {result.version} to {out}")
+    elif result.version is not None and registry is not None:
+        console.print(f"published {result.version} as current of {registry}")
