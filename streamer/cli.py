@@ -89,6 +89,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return run_demo(
         duration_s=ns.duration, kind=ns.kind, n_keys=ns.keys, rate=ns.rate, seed=ns.seed,
         metrics_address=ns.metrics_address, workdir=ns.workdir, stop=_stop_on_signals(),
+        n_history=ns.history,
     )
 
 
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keys", type=int, default=200)
     demo.add_argument("--rate", type=float, default=2000.0, help="simulated events/s")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--history", type=int, default=40_000,
+                      help="simulated events each training run learns from")
     demo.add_argument("--metrics-address", default="127.0.0.1:9108")
     demo.add_argument("--workdir", default=None, help="where models go (default: a temp dir)")
     demo.set_defaults(func=cmd_demo)

@@ -2,7 +2,7 @@
 
 It starts the embedded broker, trains a first model on simulated history (via the ``trainer``
 console script, run as a separate process so that ``streamer`` never imports ``trainer``),
-starts the streamer, the metrics server and the simulator, retrains once half-way so a live
+starts the streamer, the metrics server and the simulator, retrains once a third of the way in so a live
 hot swap can be watched, and shows a console view until the time is up. Then it drains,
 commits and prints a summary.
 """
@@ -33,34 +33,46 @@ from streamer.simulate import make_simulator, run_simulator, write_jsonl
 
 log = logging.getLogger(__name__)
 
-HISTORY_EVENTS = 40_000
 
 
-def _trainer(*args: str) -> None:
-    """Run the trainer CLI in its own process; its progress goes to our terminal."""
+def _trainer(*args: str, quiet: bool = False) -> None:
+    """Run the trainer CLI in its own process (its report goes to our terminal unless quiet)."""
     cmd = [sys.executable, "-m", "trainer.cli", *args]
-    subprocess.run(cmd, check=True)
+    done = subprocess.run(cmd, capture_output=quiet, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"trainer failed ({done.returncode}): {done.stderr or ''}"[-2000:])
 
 
-def _train_first_model(registry: Path, kind: str, n_keys: int, seed: int, console: Console) -> None:
+def _train_first_model(
+    registry: Path, kind: str, n_keys: int, seed: int, n_history: int, console: Console
+) -> None:
     history = registry.parent / "history.jsonl"
-    write_jsonl(history, make_simulator(kind, n_keys, seed + 1000).events(HISTORY_EVENTS))  # type: ignore[arg-type]
-    console.print(f"[bold]1/3[/] training a first model on {HISTORY_EVENTS:,} simulated events")
+    write_jsonl(history, make_simulator(kind, n_keys, seed + 1000).events(n_history))  # type: ignore[arg-type]
+    console.print(f"[bold]1/3[/] training a first model on {n_history:,} simulated events")
     _trainer("train", "--input", str(history), "--kind", kind, "--registry", str(registry),
-             "--epochs", "3", "--hidden", "32", "--layers", "2", "--force", "--quiet")
+             "--epochs", "3", "--hidden", "32", "--layers", "2", "--force", "--no-progress")
 
 
-def _retrain(registry: Path, kind: str, n_keys: int, seed: int) -> threading.Thread:
-    def target() -> None:
+class _Retrain:
+    """The mid-demo retraining, in the background; ``status`` feeds the console view."""
+
+    def __init__(self, registry: Path, kind: str, n_keys: int, seed: int, n_history: int) -> None:
+        self.status = "retraining on fresh history (background process)"
+        self._args = (registry, kind, n_keys, seed, n_history)
+        threading.Thread(target=self._run, name="demo-retrain", daemon=True).start()
+
+    def _run(self) -> None:
+        registry, kind, n_keys, seed, n_history = self._args
         history = registry.parent / "history2.jsonl"
-        write_jsonl(history, make_simulator(kind, n_keys, seed + 2000).events(HISTORY_EVENTS))  # type: ignore[arg-type]
-        _trainer("train", "--input", str(history), "--kind", kind, "--registry", str(registry),
-                 "--epochs", "2", "--hidden", "32", "--layers", "2", "--force", "--quiet",
-                 "--seed", str(seed + 1))
-
-    thread = threading.Thread(target=target, name="demo-retrain", daemon=True)
-    thread.start()
-    return thread
+        write_jsonl(history, make_simulator(kind, n_keys, seed + 2000).events(n_history))  # type: ignore[arg-type]
+        try:
+            _trainer("train", "--input", str(history), "--kind", kind, "--registry",
+                     str(registry), "--epochs", "2", "--hidden", "32", "--layers", "2",
+                     "--force", "--no-progress", "--seed", str(seed + 1), quiet=True)
+        except RuntimeError as exc:
+            self.status = f"retraining failed: {exc}"
+            return
+        self.status = "published a new version: the streamer swaps it in between batches"
 
 
 class _Watcher:
@@ -100,6 +112,8 @@ class _Snapshot:
             for s in family.samples:
                 if s.name == "streamer_end_to_end_latency_seconds_bucket":
                     self.buckets.append((float(s.labels["le"]), s.value))
+                elif s.name == "streamer_model_swaps_total" and s.labels["outcome"] == "success":
+                    self.values["swaps"] = s.value
                 elif not s.labels or s.name.startswith("streamer_dead_letter"):
                     self.values[s.name] = self.values.get(s.name, 0.0) + s.value
 
@@ -128,7 +142,7 @@ def _ms(value: float | None) -> str:
 
 
 def _view(service: Service, snap: _Snapshot, rate: float, p50: float | None,
-          p99: float | None, watcher: _Watcher, left: float) -> Table:
+          p99: float | None, watcher: _Watcher, left: float, retrain: _Retrain | None) -> Table:
     table = Table(title=f"streamer demo — {left:.0f}s left", show_header=False, expand=False)
     table.add_column(style="bold")
     table.add_column()
@@ -139,7 +153,9 @@ def _view(service: Service, snap: _Snapshot, rate: float, p50: float | None,
                   f"{snap.get('streamer_predictions_out_total'):,.0f}")
     table.add_row("dead-lettered", f"{snap.get('streamer_dead_letter_total'):,.0f}")
     table.add_row("keys resident", f"{len(service.store):,}")
-    table.add_row("model version", service.version)
+    table.add_row("model version", f"{service.version}  (hot swaps: {snap.get('swaps'):.0f})")
+    if retrain is not None:
+        table.add_row("trainer", retrain.status)
     for p in list(watcher.recent)[-5:]:
         pred = ", ".join(f"{v:+.5f}" for v in p["prediction"])
         table.add_row(f"  {p['key']}", f"[{pred}]  ({p['model_version']})")
@@ -149,7 +165,7 @@ def _view(service: Service, snap: _Snapshot, rate: float, p50: float | None,
 def run_demo(
     duration_s: float = 60.0, kind: str = "tick", n_keys: int = 200, rate: float = 2000.0,
     seed: int = 0, metrics_address: str = "127.0.0.1:9108", workdir: str | None = None,
-    stop: threading.Event | None = None,
+    stop: threading.Event | None = None, n_history: int = 40_000,
 ) -> int:
     console = Console()
     stop = stop or threading.Event()
@@ -162,13 +178,13 @@ def run_demo(
             for topic, parts in (("events", 4), ("predictions", 4), ("events.dlq", 1)):
                 broker.create_topic(topic, partitions=parts)
             console.print(f"embedded Kafka broker on [bold]{broker.bootstrap_servers}[/]")
-            _train_first_model(registry, kind, n_keys, seed, console)
+            _train_first_model(registry, kind, n_keys, seed, n_history, console)
             settings = StreamerSettings(
                 bootstrap_servers=broker.bootstrap_servers, model=registry, device="auto",
                 metrics_address=metrics_address, registry_poll_s=1.0, lag_interval_s=1.0,
             )
             return _stream(settings, broker.bootstrap_servers, registry, kind, n_keys, rate,
-                           seed, duration_s, stop, console)
+                           seed, duration_s, stop, console, n_history)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -176,7 +192,7 @@ def run_demo(
 
 def _stream(settings: StreamerSettings, bootstrap: str, registry: Path, kind: str, n_keys: int,
             rate: float, seed: int, duration_s: float, stop: threading.Event,
-            console: Console) -> int:
+            console: Console, n_history: int) -> int:
     service = Service.from_settings(settings)
     svc_stop, sim_stop = threading.Event(), threading.Event()
     svc = threading.Thread(target=service.run, args=(svc_stop,), name="demo-streamer")
@@ -191,20 +207,20 @@ def _stream(settings: StreamerSettings, bootstrap: str, registry: Path, kind: st
                   f"metrics on http://{settings.metrics_address}/metrics")
     watcher = _Watcher(bootstrap, settings.output_topic)
     start = time.monotonic()
-    retrain: threading.Thread | None = None
+    retrain: _Retrain | None = None
     old: _Snapshot | None = None
     old_t = start
     try:
         with Live(console=console, refresh_per_second=2, transient=False) as live:
             while not stop.is_set() and (left := duration_s - (time.monotonic() - start)) > 0:
-                if retrain is None and time.monotonic() - start > duration_s / 2:
-                    retrain = _retrain(registry, kind, n_keys, seed)
+                if retrain is None and time.monotonic() - start > duration_s / 3:
+                    retrain = _Retrain(registry, kind, n_keys, seed, n_history)
                 snap, now = _Snapshot(service.metrics.registry), time.monotonic()
                 done = snap.get("streamer_events_in_total")
                 before = old.get("streamer_events_in_total") if old else 0.0
                 ev_rate = (done - before) / max(now - old_t, 1e-9)
                 live.update(_view(service, snap, ev_rate, quantile(0.5, snap, old),
-                                  quantile(0.99, snap, old), watcher, left))
+                                  quantile(0.99, snap, old), watcher, left, retrain))
                 old, old_t = snap, now
                 stop.wait(1.0)
     finally:
@@ -218,6 +234,7 @@ def _stream(settings: StreamerSettings, bootstrap: str, registry: Path, kind: st
 
 def _summary(console: Console, service: Service, duration_s: float, watcher: _Watcher) -> int:
     snap = _Snapshot(service.metrics.registry)
+    console.print()
     console.print("[bold]3/3[/] summary")
     console.print(f"  events in            {snap.get('streamer_events_in_total'):,.0f}")
     console.print(f"  predictions out      {snap.get('streamer_predictions_out_total'):,.0f}")
@@ -225,5 +242,6 @@ def _summary(console: Console, service: Service, duration_s: float, watcher: _Wa
     console.print(f"  end-to-end p50 / p99 {_ms(quantile(0.5, snap, None))} / "
                   f"{_ms(quantile(0.99, snap, None))}")
     console.print(f"  model versions seen  {', '.join(sorted(watcher.versions)) or '-'}")
+    console.print(f"  hot swaps            {snap.get('swaps'):.0f}")
     console.print(f"  serving at the end   {service.version}")
     return 0

@@ -168,6 +168,7 @@ class Service:
         acked = time.time()
         self.metrics.committed()
         self.metrics.observe_batch(len(batch), step_s)
+        self.metrics.set_keys_resident(len(self.store))
         self.metrics.observe_latencies(acked - decoded.ts, acked - polled, len(decoded.keys))
         return BatchResult(len(batch), len(decoded.keys), len(decoded.bad))
 

@@ -329,7 +329,7 @@ def _flag(field: str) -> str:
 def _metavar(annotation: Any) -> str:
     if get_origin(annotation) is Literal:
         return "{" + ",".join(str(choice) for choice in get_args(annotation)) + "}"
-    names = {int: "N", float: "SECONDS", Path: "PATH"}
+    names = {int: "N", float: "NUM", Path: "PATH"}
     for candidate in (annotation, *get_args(annotation)):
         if candidate in names:
             return names[candidate]

@@ -1,0 +1,22 @@
+"""`streamer demo` as a newcomer runs it (shortened): trains, streams, swaps, exits cleanly."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+
+def test_demo_runs_the_whole_product_and_swaps_live() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "streamer.cli", "demo", "--duration", "14", "--keys", "20",
+         "--rate", "300", "--history", "3000", "--metrics-address", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=240,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "summary" in out
+    events_in = int(re.search(r"events in\s+([\d,]+)", out).group(1).replace(",", ""))
+    preds_out = int(re.search(r"predictions out\s+([\d,]+)", out).group(1).replace(",", ""))
+    assert events_in > 1000 and preds_out == events_in
+    assert re.search(r"hot swaps\s+1\b", out), out[-2000:]
