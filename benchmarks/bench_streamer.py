@@ -110,9 +110,10 @@ def throughput(model: Path, n: int, keys: int) -> float:
         return n / elapsed
 
 
-def steady_latency(model: Path, rate: float, seconds: float, keys: int) -> dict[str, float]:
+def steady_latency(model: Path, rate: float, seconds: float, keys: int, partitions: int,
+                   linger_ms: int) -> dict[str, float]:
     with EmbeddedBroker() as broker:
-        for t, p in (("events", 8), ("predictions", 8), ("events.dlq", 1)):
+        for t, p in (("events", partitions), ("predictions", partitions), ("events.dlq", 1)):
             broker.create_topic(t, p)
         service, stop, thread = run_service(settings(broker.bootstrap_servers, model, "lat"))
         time.sleep(2.0)  # group join
@@ -125,7 +126,8 @@ def steady_latency(model: Path, rate: float, seconds: float, keys: int) -> dict[
         sim = subprocess.run(
             [sys.executable, "-m", "streamer.cli", "simulate", "--bootstrap-servers",
              broker.bootstrap_servers, "--kind", "generic", "--keys", str(keys), "--rate",
-             str(rate), "--duration", str(seconds), "--quiet"], capture_output=True, text=True,
+             str(rate), "--duration", str(seconds), "--linger-ms", str(linger_ms), "--quiet"],
+            capture_output=True, text=True,
         )
         sent = int(rate * seconds) if sim.returncode == 0 else -1
         reader.join()
@@ -175,10 +177,12 @@ def main() -> None:
         print(f"full speed through the embedded broker ({args.events:,} events): median "
               f"{statistics.median(rates):,.0f} events/s (runs: "
               f"{', '.join(f'{r:,.0f}' for r in rates)})")
-        lat = steady_latency(model, args.rate, args.seconds, args.keys)
-        print(f"steady {args.rate:,.0f} events/s for {args.seconds:.0f}s: achieved "
-              f"{lat['achieved_rate']:,.0f}/s, end-to-end (emitted_at - ts) "
-              f"p50 {lat['p50'] * 1e3:.2f} ms, p99 {lat['p99'] * 1e3:.2f} ms")
+        for partitions, linger in ((8, 5), (4, 5), (4, 20)):
+            lat = steady_latency(model, args.rate, args.seconds, args.keys, partitions, linger)
+            print(f"steady {args.rate:,.0f} events/s for {args.seconds:.0f}s, {partitions} "
+                  f"partitions, producer linger {linger} ms: achieved "
+                  f"{lat['achieved_rate']:,.0f}/s, end-to-end (emitted_at - ts) "
+                  f"p50 {lat['p50'] * 1e3:.1f} ms, p99 {lat['p99'] * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

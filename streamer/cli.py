@@ -76,6 +76,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     run_simulator(
         ns.bootstrap_servers, ns.topic, ns.kind, ns.keys, rate=ns.rate, duration_s=ns.duration,
         max_events=ns.max_events, seed=ns.seed, progress=not ns.quiet, stop_event=stop,
+        producer_config={"linger_ms": ns.linger_ms},
     )
     return 0
 
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duration", type=float, default=None, help="seconds to run")
     sim.add_argument("--max-events", type=int, default=None)
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--linger-ms", type=int, default=5,
+                     help="producer linger: larger means bigger batches, fewer requests")
     sim.add_argument("--quiet", action="store_true", help="no progress display")
     sim.set_defaults(func=cmd_simulate)
 

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="write a seeded untrained model (artifact or registry)")
     add_settings_arguments(p, TrainerSettings, exclude=_exclude(_INIT_FIELDS))
     p.add_argument("--out", type=Path, help="artifact directory to write instead of publishing")
+    p.add_argument("--force", action="store_true",
+                   help="publish even when the registry already has a current version")
 
     p = sub.add_parser("train", help="train, evaluate and publish if better than current")
     add_settings_arguments(p, TrainerSettings, exclude=_NOT_TRAINING)
@@ -142,6 +144,12 @@ def cmd_init(settings: TrainerSettings, args: argparse.Namespace, console: Conso
         console.print(f"wrote untrained {kind} model {version} to {args.out}")
         return 0
     registry = Registry(settings.registry, settings.model_name)
+    current = registry.current()
+    if current is not None and not args.force:
+        # Idempotent, so a deployment can run it on every start without replacing a trained
+        # model by an untrained one.
+        console.print(f"{registry} already serves {current}; nothing to do (--force to replace)")
+        return 0
     version = registry.publish(model, metrics=metrics, seed=settings.seed, make_current=True)
     console.print(f"published untrained {kind} model {version} as current of {registry}")
     return 0

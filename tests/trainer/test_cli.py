@@ -38,6 +38,15 @@ def test_init_writes_a_seeded_untrained_artifact(tmp_path: Path) -> None:
     art = _registry(tmp_path).load()
     assert art.metadata.features.kind == "generic" and art.metadata.features.n_features == 6
 
+    # Idempotent on a registry that already serves a version (deployments run it every start).
+    again = ["init", "--features", "6", "--hidden", "8", "--layers", "1",
+             "--registry", str(tmp_path / "models")]
+    assert main(again) == 0
+    assert _registry(tmp_path).versions() == [art.metadata.version]
+    assert main([*again, "--force"]) == 0
+    assert len(_registry(tmp_path).versions()) == 2
+    assert _registry(tmp_path).current() != art.metadata.version
+
 
 def test_bad_settings_exit_2_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
