@@ -2,9 +2,9 @@
 
 It starts the embedded broker, trains a first model on simulated history (via the ``trainer``
 console script, run as a separate process so that ``streamer`` never imports ``trainer``),
-starts the streamer, the metrics server and the simulator, retrains once a third of the way in so a live
-hot swap can be watched, and shows a console view until the time is up. Then it drains,
-commits and prints a summary.
+starts the streamer, the metrics server and the simulator, retrains once a third of the way
+in so that a live hot swap can be watched, and shows a console view until the time is up.
+Then it drains, commits and prints a summary.
 """
 
 from __future__ import annotations

@@ -108,7 +108,9 @@ class StreamerSettings(BaseSettings):
     key_ttl_s: float | None = Field(
         None, gt=0, description="evict keys idle this long; unset evicts only for capacity"
     )
-    window: int = Field(32, ge=1, description="recent feature vectors kept per key to re-warm state on a model swap")
+    window: int = Field(
+        32, ge=1, description="recent feature vectors kept per key to re-warm state on a swap"
+    )
     swap_policy: Literal["rewarm", "reset", "keep"] = Field(
         "rewarm", description="what a model swap does to per-key state"
     )
