@@ -28,6 +28,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check streamer trainer tests benchmarks scripts
+	$(PY) -m mypy
 	$(PY) -m pytest -q -ra $(TEST_ARGS)
 
 lint: $(STAMP)

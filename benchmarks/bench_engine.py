@@ -74,8 +74,10 @@ def main() -> None:
     live = len(engine.store)
     torch.manual_seed(1)
     new = LSTMModel(engine.model.config, engine.model.spec).to(device).eval()
-    s = timed(lambda: engine.swap_model(new, "rewarm"), device, 5)
-    print(f"re-warm of {live:,} live keys (window {args.window}): {s * 1e3:.1f} ms")
+    for policy in ("rewarm", "reset", "keep"):
+        s = timed(lambda p=policy: engine.swap_model(new, p), device, 5)
+        print(f"swap pause, policy {policy}, {live:,} live keys (window {args.window}): "
+              f"{s * 1e3:.1f} ms")
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 

@@ -118,7 +118,11 @@ def read_metadata(directory: Path) -> ArtifactMetadata:
 def verify_checksums(directory: Path) -> None:
     try:
         lines = (directory / CHECKSUMS).read_text().splitlines()
-        expected = dict(reversed(line.split(maxsplit=1)) for line in lines if line.strip())
+        expected: dict[str, str] = {}
+        for line in lines:
+            if line.strip():
+                digest, name = line.split(maxsplit=1)
+                expected[name] = digest
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{directory}: unreadable {CHECKSUMS}: {exc}") from exc
     for name in (WEIGHTS, METADATA):

@@ -52,6 +52,11 @@ class ModelConfig(BaseModel):
 
 
 class LSTMModel(nn.Module):
+    x_mean: torch.Tensor  # [F] buffers: normalization travels with the weights
+    x_std: torch.Tensor
+    y_mean: torch.Tensor  # [] the target's stats, to answer in its own units
+    y_std: torch.Tensor
+
     def __init__(self, config: ModelConfig, spec: FeatureSpec) -> None:
         super().__init__()
         if spec.n_features != config.input_size:

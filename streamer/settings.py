@@ -20,7 +20,7 @@ import re
 import tomllib
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Literal, TypeVar, cast, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -245,7 +245,7 @@ def load_settings(cls: type[S], cli_overrides: Mapping[str, Any], config_file: P
     # Hand back a plain ``cls`` (already validated): the throwaway subclass would not pickle
     # and would compare unequal to ``cls`` instances.
     values = {name: getattr(loaded, name) for name in cls.model_fields}
-    return cls.model_construct(_fields_set=set(loaded.model_fields_set), **values)
+    return cast(S, cls.model_construct(_fields_set=set(loaded.model_fields_set), **values))
 
 
 def read_config_file(cls: type[BaseSettings], path: Path) -> dict[str, Any]:
