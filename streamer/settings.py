@@ -20,7 +20,7 @@ import re
 import tomllib
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast, get_args, get_origin
+from typing import Any, Literal, Protocol, TypeVar, cast, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -177,15 +177,31 @@ class StreamerSettings(BaseSettings):
         return split_host_port(self.metrics_address)[1]
 
     def kafka_security_kwargs(self) -> dict[str, Any]:
-        """kafka-python keyword arguments for whatever security settings are set."""
-        kwargs: dict[str, Any] = {"security_protocol": self.security_protocol}
-        if self.sasl_mechanism is not None:
-            kwargs["sasl_mechanism"] = self.sasl_mechanism
-        if self.sasl_username is not None:
-            kwargs["sasl_plain_username"] = self.sasl_username
-        if self.sasl_password is not None:
-            kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
-        return kwargs
+        return kafka_security_kwargs(self)
+
+
+class _KafkaSecurity(Protocol):
+    @property
+    def security_protocol(self) -> str: ...
+    @property
+    def sasl_mechanism(self) -> str | None: ...
+    @property
+    def sasl_username(self) -> str | None: ...
+    @property
+    def sasl_password(self) -> SecretStr | None: ...
+
+
+def kafka_security_kwargs(settings: _KafkaSecurity) -> dict[str, Any]:
+    """kafka-python keyword arguments for whatever security settings are set (both the
+    streamer's and the trainer's settings carry the same four fields)."""
+    kwargs: dict[str, Any] = {"security_protocol": settings.security_protocol}
+    if settings.sasl_mechanism is not None:
+        kwargs["sasl_mechanism"] = settings.sasl_mechanism
+    if settings.sasl_username is not None:
+        kwargs["sasl_plain_username"] = settings.sasl_username
+    if settings.sasl_password is not None:
+        kwargs["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    return kwargs
 
 
 # --- loading ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streamer.settings import split_host_port
+from streamer.settings import kafka_security_kwargs, split_host_port
 from trainer.data import parse_offsets, parse_time
 
 # Fields that only `train`, `evaluate` and `schedule` read; `list`/`promote`/`rollback` hide them.
@@ -151,14 +151,7 @@ class TrainerSettings(BaseSettings):
         return tuple(r.strip() for r in self.readings.split(",") if r.strip())
 
     def kafka_security_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"security_protocol": self.security_protocol}
-        if self.sasl_mechanism is not None:
-            kwargs["sasl_mechanism"] = self.sasl_mechanism
-        if self.sasl_username is not None:
-            kwargs["sasl_plain_username"] = self.sasl_username
-        if self.sasl_password is not None:
-            kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
-        return kwargs
+        return kafka_security_kwargs(self)
 
 
 def _int_list(text: str) -> list[int]:

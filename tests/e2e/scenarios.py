@@ -78,6 +78,10 @@ def one_prediction_per_offset(topics: Topics, artifact_dir: Path, n: int) -> Non
     assert sample(text, "streamer_events_in_total") == n
     assert sample(text, "streamer_predictions_out_total") == n
     assert sample(text, "streamer_end_to_end_latency_seconds_count") == n
+    assert sample(text, "streamer_batch_events_sum") == n
+    assert sample(text, "streamer_model_info", 'version="v-test-1"') == 1
+    assert sample(text, "streamer_keys_resident") == len(set(keys))
+    assert sample(text, "streamer_commits_total") >= 1
 
 
 def bad_records(now: float) -> dict[str, Record]:

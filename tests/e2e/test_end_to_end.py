@@ -1,7 +1,7 @@
 """The end-to-end contract against every Kafka in ``kafka_cluster``: the embedded broker here,
 real Apache Kafka (testcontainers) wherever Docker answers. Bodies live in scenarios.py.
 
-N is small: tests/streamer/ already runs the embedded variant of the first two at scale.
+These are also the embedded-broker integration tests of tests/streamer (not repeated there).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from . import scenarios
 
 
 def test_one_prediction_per_input_offset(cluster_topics: Topics, artifact_dir: Path) -> None:
-    scenarios.one_prediction_per_offset(cluster_topics, artifact_dir, n=400)
+    scenarios.one_prediction_per_offset(cluster_topics, artifact_dir, n=3000)
 
 
 def test_bad_input_goes_to_the_dlq_with_reasons(cluster_topics: Topics, artifact_dir: Path) -> None:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-from ..kafka_helpers import Topics, json_values, produce, read_topic
-from .service_helpers import running_service, settings_for
+from ..kafka_helpers import produce, read_topic
 
 
 def _streamer(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -20,47 +16,6 @@ def _streamer(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
         [sys.executable, "-m", "streamer.cli", *args], stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
     )
-
-
-def test_sigterm_mid_stream_loses_nothing(topics: Topics, artifact_dir: Path) -> None:
-    n = 4000
-    now = time.time()
-    records = [
-        (f"k{i % 37}".encode(),
-         json.dumps({"ts": now + i * 1e-4, "values": [i % 7, 1.0, -1.0, 0.5]}).encode())
-        for i in range(n)
-    ]
-    coords: list[tuple[int, int]] = []
-
-    def feed() -> None:  # keep events arriving while the process is told to stop
-        for lo in range(0, n, 200):
-            coords.extend(produce(topics.bootstrap, topics.input, records[lo:lo + 200]))
-            time.sleep(0.05)
-
-    proc = _streamer(
-        "run", "--bootstrap-servers", topics.bootstrap, "--input-topic", topics.input,
-        "--output-topic", topics.output, "--group-id", "sigterm", "--model", str(artifact_dir),
-        "--metrics-address", "127.0.0.1:0", "--max-batch-events", "100",
-        env={"STREAMER_DEVICE": "cpu", "STREAMER_DLQ_TOPIC": topics.dlq},
-    )
-    feeder = threading.Thread(target=feed)
-    feeder.start()
-    first = read_topic(topics.bootstrap, topics.output, expect=300, timeout_s=60, settle_s=0)
-    assert len(first) >= 300, "the process never started predicting"
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    assert "stopped cleanly" in out
-    feeder.join()
-
-    settings = settings_for(topics, artifact_dir, group_id="sigterm")
-    with running_service(settings):  # a successor in the same group picks up the rest
-        records_out = read_topic(topics.bootstrap, topics.output, expect=n, timeout_s=90)
-    seen = [(o["partition"], o["offset"]) for o in json_values(records_out)]
-    assert len(coords) == n
-    missing = set(coords) - set(seen)
-    assert not missing, f"{len(missing)} input offsets have no prediction"
-    assert len(seen) == n, "a graceful stop commits exactly what was emitted: no duplicates"
 
 
 def test_bad_setting_fails_at_start_naming_the_field(artifact_dir: Path) -> None:
