@@ -49,25 +49,23 @@ class Engine:
         n = len(keys)
         if n == 0:
             return np.zeros((0, self.model.config.output_size), dtype=np.float32), 0
-        plan = _plan(keys)
+        plan = _plan(keys, self.store.window)
         part_of_key = np.asarray(partitions, dtype=np.int64)[plan.first]
         slots, is_new, evicted = self.store.assign(plan.unique_keys, part_of_key, now)
-        buf = np.concatenate([
-            raw.reshape(-1), ts, plan.pos, slots[plan.rows], plan.lengths,
-            slots[plan.rows][is_new[plan.rows]],
-        ]).astype(np.float64, copy=False)
+        row_slots = slots[plan.rows]
+        parts = [raw.reshape(-1), ts, plan.pos, row_slots, plan.lengths,
+                 row_slots[is_new[plan.rows]], plan.window_pos]
+        buf = np.concatenate(parts).astype(np.float64, copy=False)
         dev = torch.from_numpy(buf).to(self.store.device, non_blocking=True)  # the one copy in
-        y = self._run(dev, n, len(plan.unique_keys), plan.width, plan.lengths)
+        y = self._run(torch.split(dev, [len(p) for p in parts]), plan)
         return y.cpu().numpy(), evicted  # the one copy out
 
-    def _run(
-        self, buf: torch.Tensor, n: int, u: int, width: int, lengths_host: np.ndarray
-    ) -> torch.Tensor:
+    def _run(self, buf: Sequence[torch.Tensor], plan: _Plan) -> torch.Tensor:
         store, r = self.store, self.spec.raw_width
-        n_new = buf.numel() - n * (r + 2) - 2 * u
-        raw, ts, pos, slots, lengths, new = torch.split(buf, [n * r, n, n, u, u, n_new])
+        n, u, width = len(plan.pos), len(plan.rows), plan.width
+        raw, ts, pos, slots, lengths, new, window_pos = buf
         raw, pos, slots, lengths = raw.view(n, r), pos.long(), slots.long(), lengths.long()
-        if new.numel():
+        if len(new):
             store.reset(new.long())
         # Lay events out as [U, T, ...] rows (one per key, longest first), padding at the end.
         raw_pad = raw.new_zeros(u * width, r).index_copy_(0, pos, raw).view(u, width, r)
@@ -78,7 +76,7 @@ class Engine:
         has_prev[:, 0] = store.has_prev[slots]
         x = compute_features(self.spec, raw_pad, ts_pad, prev_raw, prev_ts, has_prev)
         y, h, c = self.model.forward_padded(
-            x, torch.from_numpy(lengths_host), store.h[:, slots], store.c[:, slots],
+            x, torch.from_numpy(plan.lengths), store.h[:, slots], store.c[:, slots],
             enforce_sorted=True,
         )
         store.h[:, slots] = h
@@ -87,21 +85,20 @@ class Engine:
         store.prev_raw[slots] = raw_pad.view(u * width, r)[last]
         store.prev_ts[slots] = ts_pad.view(-1)[last]
         store.has_prev[slots] = True
-        self._append_window(x.view(u * width, -1), pos, slots, lengths, width)
+        self._append_window(x.view(u * width, -1), window_pos.long(), slots, lengths, width)
         out = y.view(u * width, -1)[pos]
         return self.model.to_prediction(out)
 
     def _append_window(
-        self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
-        width: int,
+        self, x: torch.Tensor, window_pos: torch.Tensor, slots: torch.Tensor,
+        lengths: torch.Tensor, width: int,
     ) -> None:
-        """Ring-buffer the batch's features per key; only each key's last W can survive."""
+        """Ring-buffer each key's last W features of the batch (chosen on the host, so no
+        data-dependent mask syncs the device here)."""
         store, w = self.store, self.store.window
-        row, col = pos // width, pos % width
-        keep = col >= lengths[row] - w
-        row, col, p = row[keep], col[keep], pos[keep]
+        row, col = window_pos // width, window_pos % width
         slot = slots[row]
-        store.win[slot, (store.win_next[slot] + col) % w] = x[p]
+        store.win[slot, (store.win_next[slot] + col) % w] = x[window_pos]
         store.win_next[slots] = (store.win_next[slots] + lengths) % w
         store.win_len[slots] = torch.clamp(store.win_len[slots] + lengths, max=w)
 
@@ -146,11 +143,11 @@ class Engine:
 class _Plan:
     """Host-side layout of a batch: distinct keys, their row order, each event's flat slot."""
 
-    __slots__ = ("unique_keys", "first", "rows", "lengths", "width", "pos")
+    __slots__ = ("unique_keys", "first", "rows", "lengths", "width", "pos", "window_pos")
 
     def __init__(
         self, unique_keys: list[str], first: np.ndarray, rows: np.ndarray,
-        lengths: np.ndarray, width: int, pos: np.ndarray,
+        lengths: np.ndarray, width: int, pos: np.ndarray, window_pos: np.ndarray,
     ) -> None:
         self.unique_keys = unique_keys  # [U] in first-seen order
         self.first = first  # [U] index of each key's first event
@@ -158,9 +155,10 @@ class _Plan:
         self.lengths = lengths  # [U] events per row
         self.width = width  # T: the longest row
         self.pos = pos  # [N] float: row * T + rank of the event within its key
+        self.window_pos = window_pos  # [K] pos of the events among their key's last W
 
 
-def _plan(keys: Sequence[str]) -> _Plan:
+def _plan(keys: Sequence[str], window: int) -> _Plan:
     group_of: dict[str, int] = {}
     groups = np.fromiter(
         (group_of.setdefault(k, len(group_of)) for k in keys), dtype=np.int64, count=len(keys)
@@ -176,4 +174,6 @@ def _plan(keys: Sequence[str]) -> _Plan:
     width = int(counts.max())
     pos = row_of_group[groups] * width + rank
     first = order[starts]
-    return _Plan(list(group_of), first, rows, counts[rows], width, pos.astype(np.float64))
+    window_pos = pos[rank >= counts[groups] - window]
+    return _Plan(list(group_of), first, rows, counts[rows], width, pos.astype(np.float64),
+                 window_pos.astype(np.float64))
