@@ -56,6 +56,7 @@ class _Listener(ConsumerRebalanceListener):
         self.revoked = set()
         try:
             if lost:
+                self.edge.forget(lost)
                 self.edge.on_revoke(lost)
         finally:
             # Whatever happened while releasing, the new assignment must be known.
@@ -105,9 +106,9 @@ class KafkaEdge:
         self.consumer.subscribe([self.topic], listener=_Listener(self))
 
     def poll(self) -> list[Message]:
-        """Up to ``max_batch_events`` records: once the first arrive, keep fetching for at most
-        ``max_batch_wait_ms`` so that one engine step and one ack round-trip cover many events.
-        Returns an empty list after ``max_batch_wait_ms`` without records (so the loop can
+        """Up to ``max_batch_events`` records gathered within ``max_batch_wait_ms``: fetching
+        goes on until the batch is full or the time is up, so that one engine step and one ack
+        round-trip cover many events. Returns an empty list when nothing came (so the loop can
         heartbeat and swap models while idle)."""
         limit, wait_s = self.settings.max_batch_events, self.settings.max_batch_wait_ms / 1e3
         batch: list[Message] = []
@@ -129,8 +130,23 @@ class KafkaEdge:
                 break
         return batch
 
+    def forget(self, partitions: set[int]) -> None:
+        """Drop positions of partitions that moved to another member: when one comes back,
+        the offsets in between were someone else's to process, not a gap."""
+        for p in partitions:
+            self._next_offset.pop(p, None)
+            self._uncommitted.pop(p, None)
+
     def _check_gap(self, partition: int, first_offset: int) -> None:
         expected = self._next_offset.get(partition)
+        if expected is None:
+            # First records since the assignment: compare with the group's committed offset,
+            # which catches a reset after the broker deleted what we had not read yet.
+            try:
+                expected = self.consumer.committed(TopicPartition(self.topic, partition))
+            except KafkaError as exc:
+                log.warning("cannot read the committed offset of %s[%d]: %s", self.topic,
+                            partition, exc)
         if expected is not None and first_offset > expected:
             skipped = first_offset - expected
             log.warning(

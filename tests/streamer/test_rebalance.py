@@ -24,8 +24,12 @@ class _Edge:
 
     def __init__(self, service: Service) -> None:
         self.commits = 0
+        self.forgotten: set[int] = set()
         self.on_revoke = service._on_revoke
         self.on_assign = service._on_assign
+
+    def forget(self, partitions: set[int]) -> None:
+        self.forgotten |= partitions
 
     def commit_pending(self) -> bool:
         self.commits += 1
@@ -51,6 +55,7 @@ def test_rebalance_commits_and_releases_only_lost_partitions(
     listener.on_partitions_assigned(tps[:2])
 
     assert service._assigned == {0, 1}
+    assert edge.forgotten == {2, 3}, "positions of moved partitions are not gaps later"
     assert len(service.store) == 20
     for key, part in zip(keys, partitions, strict=True):
         if part < 2:
