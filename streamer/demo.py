@@ -20,7 +20,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.live import Live
@@ -73,6 +73,25 @@ class _Retrain:
             self.status = f"retraining failed: {exc}"
             return
         self.status = "published a new version: the streamer swaps it in between batches"
+
+
+# Malformed messages the demo mixes in, so the dead-letter path is visible too.
+_BAD_MESSAGES: tuple[bytes, ...] = (
+    b"{not json",
+    b'{"symbol": "SYM0000", "ts": "yesterday-ish", "price": 1.0, "size": 1}',
+    b'{"symbol": "SYM0000", "ts": 1, "price": -5, "size": 1}',
+    b'{"ts": 1, "price": 1.0}',
+)
+
+
+def _send_bad_messages(bootstrap: str, topic: str, stop: threading.Event) -> None:
+    """One malformed message every two seconds, each reason in turn."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    i = 0
+    while not stop.wait(2.0):
+        producer.send(topic, key=b"SYM0000", value=_BAD_MESSAGES[i % len(_BAD_MESSAGES)])
+        i += 1
+    producer.close(timeout=5)
 
 
 class _Watcher:
@@ -151,7 +170,8 @@ def _view(service: Service, snap: _Snapshot, rate: float, p50: float | None,
     table.add_row("events in / predictions out",
                   f"{snap.get('streamer_events_in_total'):,.0f} / "
                   f"{snap.get('streamer_predictions_out_total'):,.0f}")
-    table.add_row("dead-lettered", f"{snap.get('streamer_dead_letter_total'):,.0f}")
+    table.add_row("dead-lettered", f"{snap.get('streamer_dead_letter_total'):,.0f} "
+                  f"(the demo mixes in a malformed message every 2 s)")
     table.add_row("keys resident", f"{len(service.store):,}")
     table.add_row("model version", f"{service.version}  (hot swaps: {snap.get('swaps'):.0f})")
     if retrain is not None:
@@ -203,6 +223,9 @@ def _stream(settings: StreamerSettings, bootstrap: str, registry: Path, kind: st
                     n_keys=n_keys, rate=rate, seed=seed, stop_event=sim_stop),
     )
     sim.start()
+    bad = threading.Thread(target=_send_bad_messages, name="demo-bad-input",
+                           args=(bootstrap, settings.input_topic, sim_stop))
+    bad.start()
     console.print(f"[bold]2/3[/] streaming {rate:,.0f} {kind} events/s over {n_keys} keys; "
                   f"metrics on http://{settings.metrics_address}/metrics")
     watcher = _Watcher(bootstrap, settings.output_topic)
@@ -226,6 +249,7 @@ def _stream(settings: StreamerSettings, bootstrap: str, registry: Path, kind: st
     finally:
         sim_stop.set()
         sim.join(timeout=30)
+        bad.join(timeout=10)
         svc_stop.set()
         svc.join(timeout=60)
         watcher.stop()

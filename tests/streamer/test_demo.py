@@ -16,7 +16,10 @@ def test_demo_runs_the_whole_product_and_swaps_live() -> None:
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert "summary" in out
-    events_in = int(re.search(r"events in\s+([\d,]+)", out).group(1).replace(",", ""))
-    preds_out = int(re.search(r"predictions out\s+([\d,]+)", out).group(1).replace(",", ""))
-    assert events_in > 1000 and preds_out == events_in
+    events_in, preds_out, dead = (
+        int(re.search(rf"{label}\s+([\d,]+)", out).group(1).replace(",", ""))  # type: ignore[union-attr]
+        for label in ("events in", "predictions out", "dead-lettered")
+    )
+    assert dead >= 3, "the demo's malformed messages went to the dead-letter topic"
+    assert events_in > 1000 and preds_out + dead == events_in
     assert re.search(r"hot swaps\s+1\b", out), out[-2000:]
