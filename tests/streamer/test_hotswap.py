@@ -121,3 +121,18 @@ def test_corrupt_version_is_refused_and_old_keeps_serving(
         out = json_values(read_topic(topics.bootstrap, topics.output, expect=1))
         assert service.version == good
     assert [o["model_version"] for o in out] == [good]
+
+
+def test_version_with_another_state_shape_is_refused(topics: Topics, tmp_path: Path) -> None:
+    """A running streamer cannot re-shape its state: such a version is refused, not served."""
+    registry = Registry(tmp_path / "registry")
+    good = registry.publish(make_model(seed=1), make_current=True)
+    settings = settings_for(topics, tmp_path / "registry", registry_poll_s=0.05)
+    with running_service(settings) as service:
+        wider = registry.publish(make_model(hidden=24, seed=4), make_current=True)
+        _wait(lambda: sample(scrape(service.http.port)[1], "streamer_model_swaps_total",
+                             'outcome="refused"') == 1)
+        assert service.version == good and registry.current() == wider
+        _, text = scrape(service.http.port)
+    assert sample(text, "streamer_model_info", f'version="{good}"') == 1
+    assert sample(text, "streamer_model_swaps_total", 'outcome="success"') == 0
