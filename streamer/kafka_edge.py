@@ -225,17 +225,14 @@ class KafkaEdge:
         return {tp.partition for tp in self.consumer.assignment()}
 
     def lag(self) -> dict[tuple[str, int], float]:
-        """Messages between our position and the high watermark the last fetch reported."""
+        """Messages between our position and the high watermark the last fetch reported.
+        Both are the consumer's local state: measuring lag sends no request."""
         lags: dict[tuple[str, int], float] = {}
         for tp in self.consumer.assignment():
             high = self.consumer.highwater(tp)
-            if high is None:
-                continue
-            position = self._next_offset.get(tp.partition)
-            if position is None:
-                committed = self.consumer.committed(tp)
-                position = committed if committed is not None else high
-            lags[(tp.topic, tp.partition)] = float(max(high - position, 0))
+            position = self.consumer.position(tp, timeout_ms=0)
+            if high is not None and position is not None:
+                lags[(tp.topic, tp.partition)] = float(max(high - position, 0))
         return lags
 
     def close(self, timeout_s: float = 10.0) -> None:

@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from streamer.artifact import Artifact
 from streamer.engine import Engine
+from streamer.errors import ConfigError
 from streamer.events import DecodedBatch, Message, decode_batch
 from streamer.hotswap import ModelWatcher, open_model_source
 from streamer.kafka_edge import KafkaEdge
@@ -42,17 +42,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from streamer.errors import ConfigError
-
         raise ConfigError("device", "cuda was asked for but torch sees no CUDA device")
     return torch.device(name)
-
-
-@dataclass
-class BatchResult:
-    events: int
-    predictions: int
-    dead_letters: int
 
 
 class Service:
@@ -148,7 +139,7 @@ class Service:
                 self.http.stop()
             log.info("stopped cleanly")
 
-    def process(self, batch: Sequence[Message]) -> BatchResult:
+    def process(self, batch: Sequence[Message]) -> None:
         assert self.edge is not None
         polled = time.time()
         decoded = decode_batch(batch, self.engine.spec, polled, self.settings.max_future_s)
@@ -170,7 +161,6 @@ class Service:
         self.metrics.observe_batch(len(batch), step_s)
         self.metrics.set_keys_resident(len(self.store))
         self.metrics.observe_latencies(acked - decoded.ts, acked - polled, len(decoded.keys))
-        return BatchResult(len(batch), len(decoded.keys), len(decoded.bad))
 
     def _emit(self, batch: Sequence[Message], decoded: DecodedBatch, preds: np.ndarray) -> None:
         assert self.edge is not None
@@ -209,9 +199,9 @@ class Service:
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_S
             evicted = self.store.evict_idle(now)
-            if evicted:
+            if evicted:  # process() keeps the gauge current otherwise
                 self.metrics.evicted("ttl", evicted)
-            self.metrics.set_keys_resident(len(self.store))
+                self.metrics.set_keys_resident(len(self.store))
         if now >= self._next_lag and self.edge is not None:
             self._next_lag = now + self.settings.lag_interval_s
             self.metrics.set_lag(self.edge.lag())

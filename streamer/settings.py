@@ -20,7 +20,7 @@ import re
 import tomllib
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar, cast, get_args, get_origin
+from typing import Any, Literal, TypeVar, cast, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -74,7 +74,42 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host or "0.0.0.0", port
 
 
-class StreamerSettings(BaseSettings):
+class KafkaClientSettings(BaseSettings):
+    """What every process that talks to Kafka shares: security and logging. Subclasses set
+    their own env prefix (STREAMER_, TRAINER_), which applies to these fields too."""
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol"
+    )
+    sasl_mechanism: str | None = Field(
+        None, description="SASL mechanism, e.g. PLAIN or SCRAM-SHA-512"
+    )
+    sasl_username: str | None = Field(None, description="SASL username")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password; prefer the env var, flags show up in ps"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="log level"
+    )
+
+    @field_validator("security_protocol", "sasl_mechanism", "log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    def kafka_security_kwargs(self) -> dict[str, Any]:
+        """kafka-python keyword arguments for whatever security settings are set."""
+        kwargs: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.sasl_mechanism is not None:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+        if self.sasl_username is not None:
+            kwargs["sasl_plain_username"] = self.sasl_username
+        if self.sasl_password is not None:
+            kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        return kwargs
+
+
+class StreamerSettings(KafkaClientSettings):
     """Everything the streamer process can be told; see ``streamer run --help``."""
 
     model_config = SettingsConfigDict(env_prefix="STREAMER_", frozen=True, extra="forbid")
@@ -126,27 +161,9 @@ class StreamerSettings(BaseSettings):
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="where a group with no committed offset starts"
     )
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
-        "PLAINTEXT", description="Kafka security protocol"
-    )
-    sasl_mechanism: str | None = Field(
-        None, description="SASL mechanism, e.g. PLAIN or SCRAM-SHA-512"
-    )
-    sasl_username: str | None = Field(None, description="SASL username")
-    sasl_password: SecretStr | None = Field(
-        None, description="SASL password; prefer the env var, flags show up in ps"
-    )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
-        "INFO", description="log level"
-    )
     lag_interval_s: float = Field(
         5.0, gt=0, description="seconds between consumer-lag measurements"
     )
-
-    @field_validator("security_protocol", "sasl_mechanism", "log_level", mode="before")
-    @classmethod
-    def _upper(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
 
     @field_validator("metrics_address")
     @classmethod
@@ -176,32 +193,6 @@ class StreamerSettings(BaseSettings):
     def metrics_port(self) -> int:
         return split_host_port(self.metrics_address)[1]
 
-    def kafka_security_kwargs(self) -> dict[str, Any]:
-        return kafka_security_kwargs(self)
-
-
-class _KafkaSecurity(Protocol):
-    @property
-    def security_protocol(self) -> str: ...
-    @property
-    def sasl_mechanism(self) -> str | None: ...
-    @property
-    def sasl_username(self) -> str | None: ...
-    @property
-    def sasl_password(self) -> SecretStr | None: ...
-
-
-def kafka_security_kwargs(settings: _KafkaSecurity) -> dict[str, Any]:
-    """kafka-python keyword arguments for whatever security settings are set (both the
-    streamer's and the trainer's settings carry the same four fields)."""
-    kwargs: dict[str, Any] = {"security_protocol": settings.security_protocol}
-    if settings.sasl_mechanism is not None:
-        kwargs["sasl_mechanism"] = settings.sasl_mechanism
-    if settings.sasl_username is not None:
-        kwargs["sasl_plain_username"] = settings.sasl_username
-    if settings.sasl_password is not None:
-        kwargs["sasl_plain_password"] = settings.sasl_password.get_secret_value()
-    return kwargs
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -373,7 +364,10 @@ def add_settings_arguments(
 ) -> None:
     """Add ``--field-name`` per field plus ``--config``; only flags actually given override."""
     prefix = env_prefix(cls)
-    for name, info in cls.model_fields.items():
+    # A class's own fields first, then the shared ones it inherits (security, logging).
+    inherited = {n for base in cls.__mro__[1:] for n in getattr(base, "model_fields", {})}
+    fields = sorted(cls.model_fields.items(), key=lambda item: item[0] in inherited)
+    for name, info in fields:
         if name in exclude:
             continue
         help_text = (

@@ -13,19 +13,19 @@ field), through the shared helpers in ``streamer.settings``. Per-invocation inpu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
 
-from streamer.settings import kafka_security_kwargs, split_host_port
+from streamer.settings import KafkaClientSettings, split_host_port
 from trainer.data import parse_offsets, parse_time
 
 # Fields that only `train`, `evaluate` and `schedule` read; `list`/`promote`/`rollback` hide them.
 REGISTRY_FIELDS = ("registry", "model_name", "log_level")
 
 
-class TrainerSettings(BaseSettings):
+class TrainerSettings(KafkaClientSettings):
     """Everything `trainer` can be told; see ``trainer train --help``."""
 
     model_config = SettingsConfigDict(env_prefix="TRAINER_", frozen=True, extra="forbid")
@@ -81,21 +81,6 @@ class TrainerSettings(BaseSettings):
     pushgateway: str | None = Field(
         None, description="schedule: push metrics to this Pushgateway instead of serving them"
     )
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
-        "PLAINTEXT", description="Kafka security protocol"
-    )
-    sasl_mechanism: str | None = Field(None, description="SASL mechanism, e.g. PLAIN")
-    sasl_username: str | None = Field(None, description="SASL username")
-    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
-        "INFO", description="log level"
-    )
-
-    @field_validator("security_protocol", "sasl_mechanism", "log_level", mode="before")
-    @classmethod
-    def _upper(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
-
     @field_validator("hidden")
     @classmethod
     def _check_hidden(cls, value: str) -> str:
@@ -150,8 +135,6 @@ class TrainerSettings(BaseSettings):
             return None
         return tuple(r.strip() for r in self.readings.split(",") if r.strip())
 
-    def kafka_security_kwargs(self) -> dict[str, Any]:
-        return kafka_security_kwargs(self)
 
 
 def _int_list(text: str) -> list[int]:

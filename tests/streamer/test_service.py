@@ -5,10 +5,11 @@ lives in tests/e2e/scenarios.py and runs there against the embedded broker and A
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-from ..kafka_helpers import Topics
+from ..kafka_helpers import Topics, produce, read_topic
 from .service_helpers import running_service, sample, scrape, settings_for
 
 
@@ -23,3 +24,30 @@ def test_health_and_readiness_over_http(topics: Topics, artifact_dir: Path) -> N
         _, text = scrape(port)
         assert sample(text, "streamer_ready") == 1
         assert sample(text, "streamer_assigned_partitions") == 4
+
+
+def test_consumer_lag_is_measured_per_partition(topics: Topics, artifact_dir: Path) -> None:
+    now = time.time()
+    records = [(f"k{i}".encode(),
+                json.dumps({"ts": now, "values": [i, 0, 0, 0]}).encode()) for i in range(40)]
+    with running_service(settings_for(topics, artifact_dir)) as service:
+        coords = produce(topics.bootstrap, topics.input, records)
+        assert len(read_topic(topics.bootstrap, topics.output, expect=40, settle_s=0)) == 40
+        lags: dict[int, float] = {}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = scrape(service.http.port)[1]
+            lags = {p: _lag(text, topics.input, p) for p in range(4)}
+            if all(v == 0.0 for v in lags.values()):
+                break
+            time.sleep(0.1)
+    assert {p for p, _ in coords} == set(range(4))
+    assert lags == {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}, "caught up on every partition"
+
+
+def _lag(text: str, topic: str, partition: int) -> float:
+    try:
+        return sample(text, "streamer_consumer_lag_messages",
+                      f'partition="{partition}",topic="{topic}"')
+    except KeyError:  # not measured yet
+        return -1.0
