@@ -1,10 +1,13 @@
 """One typed, frozen settings object, read once at start and passed down.
 
-Precedence, lowest first: defaults < config file (YAML or TOML) < env vars < CLI flags, so a
-checked-in file holds the deployment's shape and env/flags override one thing at a time.
-Every bad value, whichever source it came from, fails at start with a ``ConfigError`` that
-names the field and how to set it. The helpers are generic over ``BaseSettings`` so the
-trainer reuses them for its own ``TrainerSettings`` (prefix ``TRAINER_``).
+Precedence, highest first: CLI flags > env vars > config file (YAML or TOML) > defaults, so a
+checked-in file holds the deployment's shape and env/flags override one thing at a time. The
+layering is pydantic-settings' own (``CliSettingsSource``, ``YamlConfigSettingsSource``,
+``TomlConfigSettingsSource``, ``settings_customise_sources``); this module only picks the
+file (``--config`` / ``<PREFIX>CONFIG``) and turns every bad value, whichever source it came
+from, into a ``ConfigError`` that names the field and how to set it. The helpers are generic
+over ``LayeredSettings`` so the trainer reuses them for ``TrainerSettings`` (prefix
+``TRAINER_``).
 
     parser = argparse.ArgumentParser()
     add_settings_arguments(parser, StreamerSettings)
@@ -15,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
-import re
 import tomllib
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast, get_args, get_origin
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -28,20 +29,22 @@ from pydantic import (
     SecretBytes,
     SecretStr,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    CliSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    SettingsError,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
 )
 
 from streamer.errors import ConfigError
 
-S = TypeVar("S", bound=BaseSettings)
+S = TypeVar("S", bound="LayeredSettings")
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
 
@@ -74,7 +77,27 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host or "0.0.0.0", port
 
 
-class KafkaClientSettings(BaseSettings):
+class LayeredSettings(BaseSettings):
+    """Flags > env > config file > defaults; ``config`` names the YAML/TOML file."""
+
+    config: Path | None = Field(
+        None, description="YAML or TOML settings file, below env vars and flags"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The CLI source, when given, goes first (pydantic-settings puts it there).
+        return init_settings, env_settings, ConfigFileSource(settings_cls)
+
+
+class KafkaClientSettings(LayeredSettings):
     """What every process that talks to Kafka shares: security and logging. Subclasses set
     their own env prefix (STREAMER_, TRAINER_), which applies to these fields too."""
 
@@ -198,91 +221,67 @@ class StreamerSettings(KafkaClientSettings):
 # --- loading ---------------------------------------------------------------------------
 
 
-class _FileSource(PydanticBaseSettingsSource):
-    """Values already read from the config file; ranked below every other source."""
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """The YAML or TOML file that the sources above named in ``config``; dashes in keys
+    read as underscores, unknown keys are refused, not ignored."""
 
-    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
-        super().__init__(settings_cls)
-        self._values = values
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self._values.get(field_name), field_name, False
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ reads the whole file at once
 
     def __call__(self) -> dict[str, Any]:
-        return dict(self._values)
-
-
-def load_settings(cls: type[S], cli_overrides: Mapping[str, Any], config_file: Path | None) -> S:
-    """Build ``cls`` from defaults < config file < env < ``cli_overrides``.
-
-    ``config_file`` falls back to env ``<PREFIX>CONFIG``. Raises ConfigError on any bad value.
-    """
-    prefix = env_prefix(cls)
-    if config_file is None and os.environ.get(f"{prefix}CONFIG"):
-        config_file = Path(os.environ[f"{prefix}CONFIG"])
-    file_values = read_config_file(cls, config_file) if config_file is not None else {}
-
-    def customise(
-        subcls: type[BaseSettings],
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Keep whatever ordering ``cls`` chose and put the file last, just above defaults.
-        base = cls.settings_customise_sources(
-            settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
-        )
-        return (*base, _FileSource(settings_cls, file_values))
-
-    layered = type(
-        cls.__name__,
-        (cls,),
-        {"__module__": cls.__module__, "settings_customise_sources": classmethod(customise)},
-    )
-    try:
-        loaded = layered(**cli_overrides)
-    except ValidationError as exc:
-        raise _config_error(cls, exc) from exc
-    except SettingsError as exc:
-        match = re.search(r'field "([^"]+)"', str(exc))
-        field = match.group(1) if match else "settings"
-        raise ConfigError(field, f"{exc} {_how_to_set(cls, field)}".rstrip()) from exc
-    # Hand back a plain ``cls`` (already validated): the throwaway subclass would not pickle
-    # and would compare unequal to ``cls`` instances.
-    values = {name: getattr(loaded, name) for name in cls.model_fields}
-    return cast(S, cls.model_construct(_fields_set=set(loaded.model_fields_set), **values))
+        config = self.current_state.get("config")
+        if config is None:
+            return {}
+        return read_config_file(self.settings_cls, Path(config))
 
 
 def read_config_file(cls: type[BaseSettings], path: Path) -> dict[str, Any]:
-    """Read a YAML/TOML mapping of field names; unknown keys are refused, not ignored."""
+    """Field values from a YAML/TOML mapping, read by pydantic-settings' file sources."""
     suffix = path.suffix.lower()
     if suffix not in CONFIG_SUFFIXES:
         raise ConfigError(
             "config", f"{path}: unsupported config file type {suffix or '(none)'!r}; "
             f"use one of {', '.join(CONFIG_SUFFIXES)}"
         )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
+    if not path.is_file():  # the library's sources skip a missing file silently
         raise ConfigError(
-            "config", f"cannot read config file {path}: {exc.strerror} "
-            f"(flag --config, env {env_prefix(cls)}CONFIG)"
-        ) from exc
+            "config", f"cannot read config file {path} (flag --config, env {env_prefix(cls)}CONFIG)"
+        )
     try:
-        data = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text)
+        if suffix == ".toml":
+            data = TomlConfigSettingsSource(cls, toml_file=path).toml_data
+        else:
+            data = YamlConfigSettingsSource(cls, yaml_file=path).yaml_data
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise ConfigError("config", f"cannot parse config file {path}: {exc}") from exc
-    if data is None:
-        return {}
+    except (AttributeError, TypeError, ValueError) as exc:  # a list or scalar, not a mapping
+        raise ConfigError(
+            "config", f"{path} must hold a mapping of setting names to values"
+        ) from exc
     if not isinstance(data, dict):
         raise ConfigError("config", f"{path} must hold a mapping of setting names to values")
     values = {str(key).replace("-", "_"): value for key, value in data.items()}
     for key in values:
-        if key not in cls.model_fields:
+        if key not in cls.model_fields or key == "config":
             raise ConfigError(key, f"unknown key in config file {path}{_suggest(cls, key)}")
     return values
+
+
+def load_settings(
+    cls: type[S], overrides: Mapping[str, Any] | None = None, config_file: Path | None = None,
+    cli_source: CliSettingsSource[Any] | None = None,
+) -> S:
+    """Build ``cls`` from defaults < config file < env < ``overrides`` < ``cli_source``.
+
+    ``config_file`` falls back to env ``<PREFIX>CONFIG``. Raises ConfigError on any bad value.
+    """
+    values = dict(overrides or {})
+    if config_file is not None:
+        values["config"] = config_file
+    try:
+        return cls(_cli_settings_source=cli_source, **values)
+    except ValidationError as exc:
+        raise _config_error(cls, exc) from exc
 
 
 def _config_error(cls: type[BaseSettings], exc: ValidationError) -> ConfigError:
@@ -310,7 +309,7 @@ def _describe(cls: type[BaseSettings], error: Any) -> tuple[str, str]:
 def _how_to_set(cls: type[BaseSettings], field: str) -> str:
     if field not in cls.model_fields:
         return ""
-    return f"(env {env_prefix(cls)}{field.upper()}, flag {_flag(field)})"
+    return f"(env {env_prefix(cls)}{field.upper()}, flag --{field.replace('_', '-')})"
 
 
 def _suggest(cls: type[BaseSettings], key: str) -> str:
@@ -331,68 +330,35 @@ def env_prefix(cls: type[BaseSettings]) -> str:
 # --- command line -----------------------------------------------------------------------
 
 
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def _metavar(annotation: Any) -> str:
-    if get_origin(annotation) is Literal:
-        return "{" + ",".join(str(choice) for choice in get_args(annotation)) + "}"
-    names = {int: "N", float: "NUM", Path: "PATH"}
-    for candidate in (annotation, *get_args(annotation)):
-        if candidate in names:
-            return names[candidate]
-        if get_origin(candidate) is Literal:
-            return _metavar(candidate)
-    return "VALUE"
-
-
-def _show_default(info: FieldInfo) -> str:
-    if info.is_required():
-        return "required"
-    if info.default_factory is not None:
-        return "computed"
-    if info.default is None:
-        return "unset"
-    return str(info.default)
-
-
 def add_settings_arguments(
     parser: argparse.ArgumentParser,
-    cls: type[BaseSettings],
+    cls: type[LayeredSettings],
     exclude: Collection[str] = (),
-) -> None:
-    """Add ``--field-name`` per field plus ``--config``; only flags actually given override."""
-    prefix = env_prefix(cls)
-    # A class's own fields first, then the shared ones it inherits (security, logging).
-    inherited = {n for base in cls.__mro__[1:] for n in getattr(base, "model_fields", {})}
-    fields = sorted(cls.model_fields.items(), key=lambda item: item[0] in inherited)
-    for name, info in fields:
-        if name in exclude:
-            continue
-        help_text = (
-            f"{info.description or name} (default: {_show_default(info)}) "
-            f"[env: {prefix}{name.upper()}]"
-        ).replace("%", "%%")
-        if info.annotation is bool:
-            parser.add_argument(
-                _flag(name), dest=name, action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS, help=help_text,
-            )
-        else:
-            parser.add_argument(
-                _flag(name), dest=name, default=argparse.SUPPRESS,
-                metavar=_metavar(info.annotation), help=help_text,
-            )
-    if "config" not in exclude:
-        parser.add_argument(
-            "--config", type=Path, default=argparse.SUPPRESS, metavar="PATH",
-            help=f"YAML or TOML settings file, below env vars and flags [env: {prefix}CONFIG]",
-        )
+) -> CliSettingsSource[Any]:
+    """Add ``--field-name`` per field (``--config`` too) through pydantic-settings'
+    ``CliSettingsSource``; help shows each default and env var, only given flags override.
+
+    ``exclude`` hides fields from this parser (a subcommand that never reads them); they stay
+    settable by env and file. The source rides along in the namespace for
+    ``settings_from_args``.
+    """
+    shown: type[BaseSettings] = cls
+    if exclude:
+        fields: dict[str, Any] = {
+            name: (info.annotation, info)
+            for name, info in cls.model_fields.items() if name not in exclude
+        }
+        shown = create_model(cls.__name__, __base__=BaseSettings, **fields)
+        shown.model_config["env_prefix"] = env_prefix(cls)  # for the help's env var names
+    source: CliSettingsSource[Any] = CliSettingsSource(
+        shown, root_parser=parser, cli_kebab_case=True, cli_show_env_vars=True,
+        cli_implicit_flags=True, cli_hide_none_type=True,
+    )
+    parser.set_defaults(_settings_source=source)
+    return source
 
 
 def settings_from_args(cls: type[S], ns: argparse.Namespace) -> S:
     """Settings from the flags present in ``ns`` (strings; pydantic coerces them)."""
-    given = {name: getattr(ns, name) for name in cls.model_fields if hasattr(ns, name)}
-    config = getattr(ns, "config", None)
-    return load_settings(cls, given, Path(config) if config is not None else None)
+    source: CliSettingsSource[Any] = ns._settings_source
+    return load_settings(cls, cli_source=source(parsed_args=ns))

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from streamer.errors import ConfigError
 from streamer.settings import (
+    LayeredSettings,
     StreamerSettings,
     add_settings_arguments,
     load_settings,
@@ -26,7 +27,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def parse(argv: list[str], cls: type[BaseSettings] = StreamerSettings) -> argparse.Namespace:
+def parse(argv: list[str], cls: type[LayeredSettings] = StreamerSettings) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="streamer")
     add_settings_arguments(parser, cls)
     return parser.parse_args(argv)
@@ -165,11 +166,16 @@ def test_help_shows_env_var_and_default() -> None:
     parser = argparse.ArgumentParser(prog="streamer")
     add_settings_arguments(parser, StreamerSettings, exclude={"model_name"})
     text = " ".join(parser.format_help().split())  # undo argparse's line wrapping
-    assert "--max-batch-events N" in text
-    assert "[env: STREAMER_MAX_BATCH_EVENTS]" in text and "(default: 2048)" in text
+    assert "--max-batch-events int most events per engine step (default: 2048) " \
+        "[env: STREAMER_MAX_BATCH_EVENTS]" in text
     assert "--device {auto,cpu,cuda}" in text
-    assert "[env: STREAMER_CONFIG]" in text and "--config PATH" in text
+    assert "[env: STREAMER_CONFIG]" in text and "--config Path" in text
     assert "--model-name" not in text
+    for name in StreamerSettings.model_fields:  # every other flag, with its default and env
+        if name != "model_name":
+            assert f"--{name.replace('_', '-')} " in text, name
+            assert f"[env: STREAMER_{name.upper()}]" in text, name
+    assert text.count("(default: ") == len(StreamerSettings.model_fields) - 1
 
 
 def test_only_given_flags_override(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -214,7 +220,7 @@ def test_secret_not_leaked_and_security_kwargs(monkeypatch: pytest.MonkeyPatch) 
     }
 
 
-class _Toy(BaseSettings):
+class _Toy(LayeredSettings):
     """Stands in for the trainer's settings: another prefix, a bool flag."""
 
     model_config = SettingsConfigDict(env_prefix="TOY_", frozen=True, extra="forbid")
@@ -228,7 +234,7 @@ def test_helpers_are_generic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert settings_from_args(_Toy, parse(["--no-dry-run"], _Toy)).dry_run is False
     path = write_config(tmp_path, ".yaml", {"rounds": 9})
     monkeypatch.setenv("TOY_CONFIG", str(path))
-    assert settings_from_args(_Toy, parse([], _Toy)) == _Toy(dry_run=True, rounds=9)
+    assert settings_from_args(_Toy, parse([], _Toy)) == _Toy(dry_run=True, rounds=9, config=path)
     with pytest.raises(ConfigError, match=r"env TOY_ROUNDS, flag --rounds"):
         settings_from_args(_Toy, parse(["--rounds", "0"], _Toy))
     parser = argparse.ArgumentParser(prog="toy")
