@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
-from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from streamer.broker import EmbeddedBroker
+from streamer.metrics import MetricsSnapshot
 from streamer.service import Service
 from streamer.settings import StreamerSettings
 from streamer.simulate import make_simulator, run_simulator, write_jsonl
@@ -121,46 +121,18 @@ class _Watcher:
         self._thread.join(timeout=5)
 
 
-class _Snapshot:
-    """Counters and latency histogram read straight from the service's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.values: dict[str, float] = {}
-        self.buckets: list[tuple[float, float]] = []
-        for family in registry.collect():
-            for s in family.samples:
-                if s.name == "streamer_end_to_end_latency_seconds_bucket":
-                    self.buckets.append((float(s.labels["le"]), s.value))
-                elif s.name == "streamer_model_swaps_total" and s.labels["outcome"] == "success":
-                    self.values["swaps"] = s.value
-                elif not s.labels or s.name.startswith("streamer_dead_letter"):
-                    self.values[s.name] = self.values.get(s.name, 0.0) + s.value
-
-    def get(self, name: str) -> float:
-        return self.values.get(name, 0.0)
+LATENCY = "streamer_end_to_end_latency_seconds"
 
 
-def quantile(q: float, new: _Snapshot, old: _Snapshot | None) -> float | None:
-    """Prometheus-style histogram_quantile over the interval between two snapshots."""
-    base = dict(old.buckets) if old else {}
-    cum = [(le, v - base.get(le, 0.0)) for le, v in sorted(new.buckets)]
-    if not cum or cum[-1][1] <= 0:
-        return None
-    rank, prev_le, prev_c = q * cum[-1][1], 0.0, 0.0
-    for le, c in cum:
-        if c >= rank:
-            if le == float("inf"):
-                return prev_le
-            return prev_le + (le - prev_le) * (rank - prev_c) / max(c - prev_c, 1e-12)
-        prev_le, prev_c = le, c
-    return None
+def _swaps(snap: MetricsSnapshot) -> float:
+    return snap.total("streamer_model_swaps_total", outcome="success")
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1e3:.1f} ms"
 
 
-def _view(service: Service, snap: _Snapshot, rate: float, p50: float | None,
+def _view(service: Service, snap: MetricsSnapshot, rate: float, p50: float | None,
           p99: float | None, watcher: _Watcher, left: float, retrain: _Retrain | None) -> Table:
     table = Table(title=f"streamer demo — {left:.0f}s left", show_header=False, expand=False)
     table.add_column(style="bold")
@@ -168,12 +140,12 @@ def _view(service: Service, snap: _Snapshot, rate: float, p50: float | None,
     table.add_row("events/s", f"{rate:,.0f}")
     table.add_row("end-to-end p50 / p99", f"{_ms(p50)} / {_ms(p99)}")
     table.add_row("events in / predictions out",
-                  f"{snap.get('streamer_events_in_total'):,.0f} / "
-                  f"{snap.get('streamer_predictions_out_total'):,.0f}")
-    table.add_row("dead-lettered", f"{snap.get('streamer_dead_letter_total'):,.0f} "
+                  f"{snap.total('streamer_events_in_total'):,.0f} / "
+                  f"{snap.total('streamer_predictions_out_total'):,.0f}")
+    table.add_row("dead-lettered", f"{snap.total('streamer_dead_letter_total'):,.0f} "
                   f"(the demo mixes in a malformed message every 2 s)")
     table.add_row("keys resident", f"{len(service.store):,}")
-    table.add_row("model version", f"{service.version}  (hot swaps: {snap.get('swaps'):.0f})")
+    table.add_row("model version", f"{service.version}  (hot swaps: {_swaps(snap):.0f})")
     if retrain is not None:
         table.add_row("trainer", retrain.status)
     for p in list(watcher.recent)[-5:]:
@@ -231,19 +203,19 @@ def _stream(settings: StreamerSettings, bootstrap: str, registry: Path, kind: st
     watcher = _Watcher(bootstrap, settings.output_topic)
     start = time.monotonic()
     retrain: _Retrain | None = None
-    old: _Snapshot | None = None
+    old: MetricsSnapshot | None = None
     old_t = start
     try:
         with Live(console=console, refresh_per_second=2, transient=False) as live:
             while not stop.is_set() and (left := duration_s - (time.monotonic() - start)) > 0:
                 if retrain is None and time.monotonic() - start > duration_s / 3:
                     retrain = _Retrain(registry, kind, n_keys, seed, n_history)
-                snap, now = _Snapshot(service.metrics.registry), time.monotonic()
-                done = snap.get("streamer_events_in_total")
-                before = old.get("streamer_events_in_total") if old else 0.0
+                snap, now = MetricsSnapshot(service.metrics.registry), time.monotonic()
+                done = snap.total("streamer_events_in_total")
+                before = old.total("streamer_events_in_total") if old else 0.0
                 ev_rate = (done - before) / max(now - old_t, 1e-9)
-                live.update(_view(service, snap, ev_rate, quantile(0.5, snap, old),
-                                  quantile(0.99, snap, old), watcher, left, retrain))
+                live.update(_view(service, snap, ev_rate, snap.quantile(0.5, LATENCY, old),
+                                  snap.quantile(0.99, LATENCY, old), watcher, left, retrain))
                 old, old_t = snap, now
                 stop.wait(1.0)
     finally:
@@ -257,15 +229,15 @@ def _stream(settings: StreamerSettings, bootstrap: str, registry: Path, kind: st
 
 
 def _summary(console: Console, service: Service, duration_s: float, watcher: _Watcher) -> int:
-    snap = _Snapshot(service.metrics.registry)
+    snap = MetricsSnapshot(service.metrics.registry)
     console.print()
     console.print("[bold]3/3[/] summary")
-    console.print(f"  events in            {snap.get('streamer_events_in_total'):,.0f}")
-    console.print(f"  predictions out      {snap.get('streamer_predictions_out_total'):,.0f}")
-    console.print(f"  dead-lettered        {snap.get('streamer_dead_letter_total'):,.0f}")
-    console.print(f"  end-to-end p50 / p99 {_ms(quantile(0.5, snap, None))} / "
-                  f"{_ms(quantile(0.99, snap, None))}")
+    console.print(f"  events in            {snap.total('streamer_events_in_total'):,.0f}")
+    console.print(f"  predictions out      {snap.total('streamer_predictions_out_total'):,.0f}")
+    console.print(f"  dead-lettered        {snap.total('streamer_dead_letter_total'):,.0f}")
+    console.print(f"  end-to-end p50 / p99 {_ms(snap.quantile(0.5, LATENCY))} / "
+                  f"{_ms(snap.quantile(0.99, LATENCY))}")
     console.print(f"  model versions seen  {', '.join(sorted(watcher.versions)) or '-'}")
-    console.print(f"  hot swaps            {snap.get('swaps'):.0f}")
+    console.print(f"  hot swaps            {_swaps(snap):.0f}")
     console.print(f"  serving at the end   {service.version}")
     return 0
