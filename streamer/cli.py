@@ -7,11 +7,13 @@ names all three. A bad setting exits with status 2 and the field's name before a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from streamer.errors import ConfigError, StreamerError
 from streamer.settings import StreamerSettings, add_settings_arguments, settings_from_args
@@ -19,17 +21,30 @@ from streamer.settings import StreamerSettings, add_settings_arguments, settings
 log = logging.getLogger("streamer")
 
 
-def _stop_on_signals() -> threading.Event:
-    """SIGTERM/SIGINT ask for a graceful stop: finish the batch, flush, commit, close."""
-    stop = threading.Event()
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event | None = None) -> Iterator[threading.Event]:
+    """SIGTERM/SIGINT set ``stop`` (a graceful stop: finish the batch or run, flush, commit,
+    close) while the block runs; the previous handlers come back after it. The one home of
+    signal handling for both console scripts (``trainer`` imports it). Off the main thread no
+    handler can be installed: the caller stops the loop through the event instead.
+    """
+    stop = stop if stop is not None else threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
         log.info("received %s, draining", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
+    previous: dict[signal.Signals, Any] = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _setup_logging(level: str) -> None:
@@ -44,11 +59,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
     settings = settings_from_args(StreamerSettings, ns)
     _setup_logging(settings.log_level)
-    stop = _stop_on_signals()
-    service = Service.from_settings(settings)
-    log.info("metrics on %s, consuming %s from %s", settings.metrics_address,
-             settings.input_topic, settings.bootstrap_servers)
-    service.run(stop)
+    with stop_on_signals() as stop:
+        service = Service.from_settings(settings)
+        log.info("metrics on %s, consuming %s from %s", settings.metrics_address,
+                 settings.input_topic, settings.bootstrap_servers)
+        service.run(stop)
     return 0
 
 
@@ -56,8 +71,7 @@ def cmd_broker(ns: argparse.Namespace) -> int:
     from streamer.broker import EmbeddedBroker
 
     _setup_logging("INFO")
-    stop = _stop_on_signals()
-    with EmbeddedBroker(num_brokers=ns.brokers) as broker:
+    with stop_on_signals() as stop, EmbeddedBroker(num_brokers=ns.brokers) as broker:
         for topic in ns.topics.split(","):
             if topic:
                 broker.create_topic(topic, partitions=ns.partitions)
@@ -72,12 +86,12 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     from streamer.simulate import run_simulator
 
     _setup_logging("INFO")
-    stop = _stop_on_signals()
-    run_simulator(
-        ns.bootstrap_servers, ns.topic, ns.kind, ns.keys, rate=ns.rate, duration_s=ns.duration,
-        max_events=ns.max_events, seed=ns.seed, progress=not ns.quiet, stop_event=stop,
-        producer_config={"linger_ms": ns.linger_ms},
-    )
+    with stop_on_signals() as stop:
+        run_simulator(
+            ns.bootstrap_servers, ns.topic, ns.kind, ns.keys, rate=ns.rate,
+            duration_s=ns.duration, max_events=ns.max_events, seed=ns.seed,
+            progress=not ns.quiet, stop_event=stop, producer_config={"linger_ms": ns.linger_ms},
+        )
     return 0
 
 
@@ -87,11 +101,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     _setup_logging("WARNING")
     # kafka-python logs its ApiVersions fallback against the embedded broker as errors.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
-    return run_demo(
-        duration_s=ns.duration, kind=ns.kind, n_keys=ns.keys, rate=ns.rate, seed=ns.seed,
-        metrics_address=ns.metrics_address, workdir=ns.workdir, stop=_stop_on_signals(),
-        n_history=ns.history,
-    )
+    with stop_on_signals() as stop:
+        return run_demo(
+            duration_s=ns.duration, kind=ns.kind, n_keys=ns.keys, rate=ns.rate, seed=ns.seed,
+            metrics_address=ns.metrics_address, workdir=ns.workdir, stop=stop,
+            n_history=ns.history,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

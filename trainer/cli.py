@@ -14,13 +14,11 @@ Exit codes: 0 done (a gate refusal is a normal outcome, not an error), 1 the run
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streamer.artifact import read_metadata, save_artifact
+from streamer.cli import stop_on_signals
 from streamer.errors import ConfigError, StreamerError
 from streamer.features import default_spec
 from streamer.metrics import HealthState, MetricsServer
@@ -228,7 +227,7 @@ def cmd_schedule(settings: TrainerSettings, args: argparse.Namespace, console: C
     stop = threading.Event()
     scheduler = Scheduler(run_once, every, metrics, stop=stop, max_runs=args.max_runs,
                           pushgateway=settings.pushgateway, on_beat=health.beat)
-    with _stop_on_signals(stop):
+    with stop_on_signals(stop):
         if settings.pushgateway is not None:
             scheduler.run()
             return 0
@@ -240,22 +239,6 @@ def cmd_schedule(settings: TrainerSettings, args: argparse.Namespace, console: C
             log.info("metrics on %s:%d, retraining every %s", host, port, args.every)
             scheduler.run()
     return 0
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM/SIGINT end the loop after the current run; old handlers come back after."""
-    previous: dict[signal.Signals, Any] = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    except ValueError:  # not the main thread: the caller stops us through the event
-        pass
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 _COMMANDS: dict[str, Callable[[TrainerSettings, argparse.Namespace, Console], int]] = {

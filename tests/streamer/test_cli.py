@@ -6,7 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+from streamer.cli import stop_on_signals
 
 from ..kafka_helpers import produce, read_topic
 
@@ -51,3 +54,27 @@ def test_broker_command_prints_bootstrap_and_serves() -> None:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+def test_stop_on_signals_sets_the_event_and_restores_handlers() -> None:
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with stop_on_signals() as stop:
+            assert not stop.is_set()
+            os.kill(os.getpid(), sig)
+            assert stop.wait(5), sig.name
+        assert {s: signal.getsignal(s) for s in before} == before
+    given = threading.Event()
+    with stop_on_signals(given) as stop:
+        assert stop is given
+    # Off the main thread no handler can be installed; the block still runs.
+    seen: list[bool] = []
+    worker = threading.Thread(target=lambda: seen.append(_enter_off_main_thread()))
+    worker.start()
+    worker.join(5)
+    assert seen == [True]
+
+
+def _enter_off_main_thread() -> bool:
+    with stop_on_signals() as stop:
+        return not stop.is_set()
