@@ -9,23 +9,20 @@ Then it drains, commits and prints a summary.
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from pathlib import Path
-from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from streamer.broker import EmbeddedBroker
+from streamer.demo_clients import PredictionWatcher, send_in_turn
 from streamer.metrics import MetricsSnapshot
 from streamer.service import Service
 from streamer.settings import StreamerSettings
@@ -84,43 +81,6 @@ _BAD_MESSAGES: tuple[bytes, ...] = (
 )
 
 
-def _send_bad_messages(bootstrap: str, topic: str, stop: threading.Event) -> None:
-    """One malformed message every two seconds, each reason in turn."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap)
-    i = 0
-    while not stop.wait(2.0):
-        producer.send(topic, key=b"SYM0000", value=_BAD_MESSAGES[i % len(_BAD_MESSAGES)])
-        i += 1
-    producer.close(timeout=5)
-
-
-class _Watcher:
-    """Reads the predictions topic in the background and keeps the last few for display."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.recent: deque[dict[str, Any]] = deque(maxlen=5)
-        self.versions: set[str] = set()
-        self._stop = threading.Event()
-        self._consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap,
-                                       auto_offset_reset="latest", fetch_max_wait_ms=50,
-                                       group_id="demo-viewer")
-        self._thread = threading.Thread(target=self._run, name="demo-viewer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for batch in self._consumer.poll(timeout_ms=200, max_records=500).values():
-                for rec in batch[-5:]:
-                    self.recent.append(json.loads(rec.value))
-                for rec in batch:
-                    self.versions.add(json.loads(rec.value)["model_version"])
-        self._consumer.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
 LATENCY = "streamer_end_to_end_latency_seconds"
 
 
@@ -133,7 +93,8 @@ def _ms(value: float | None) -> str:
 
 
 def _view(service: Service, snap: MetricsSnapshot, rate: float, p50: float | None,
-          p99: float | None, watcher: _Watcher, left: float, retrain: _Retrain | None) -> Table:
+          p99: float | None, watcher: PredictionWatcher, left: float,
+          retrain: _Retrain | None) -> Table:
     table = Table(title=f"streamer demo — {left:.0f}s left", show_header=False, expand=False)
     table.add_column(style="bold")
     table.add_column()
@@ -195,12 +156,13 @@ def _stream(settings: StreamerSettings, bootstrap: str, registry: Path, kind: st
                     n_keys=n_keys, rate=rate, seed=seed, stop_event=sim_stop),
     )
     sim.start()
-    bad = threading.Thread(target=_send_bad_messages, name="demo-bad-input",
-                           args=(bootstrap, settings.input_topic, sim_stop))
+    bad = threading.Thread(target=send_in_turn, name="demo-bad-input",
+                           args=(bootstrap, settings.input_topic, b"SYM0000", _BAD_MESSAGES,
+                                 sim_stop))
     bad.start()
     console.print(f"[bold]2/3[/] streaming {rate:,.0f} {kind} events/s over {n_keys} keys; "
                   f"metrics on http://{settings.metrics_address}/metrics")
-    watcher = _Watcher(bootstrap, settings.output_topic)
+    watcher = PredictionWatcher(bootstrap, settings.output_topic)
     start = time.monotonic()
     retrain: _Retrain | None = None
     old: MetricsSnapshot | None = None
@@ -228,7 +190,9 @@ def _stream(settings: StreamerSettings, bootstrap: str, registry: Path, kind: st
     return _summary(console, service, duration_s, watcher)
 
 
-def _summary(console: Console, service: Service, duration_s: float, watcher: _Watcher) -> int:
+def _summary(
+    console: Console, service: Service, duration_s: float, watcher: PredictionWatcher
+) -> int:
     snap = MetricsSnapshot(service.metrics.registry)
     console.print()
     console.print("[bold]3/3[/] summary")
