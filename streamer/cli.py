@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from streamer.errors import ConfigError, StreamerError
@@ -152,16 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+def exit_status(prog: str, command: str, call: Callable[[], int]) -> int:
+    """Run one command of a console script (``streamer`` or ``trainer``) and map its outcome
+    to the exit status: what ``call`` returns, 2 for a bad setting (``ConfigError``, printed
+    with the field and how to set it), 1 for any other ``StreamerError`` (printed with its type).
+    """
     try:
-        return int(ns.func(ns))
+        return int(call())
     except ConfigError as exc:
-        print(f"streamer: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except StreamerError as exc:
-        print(f"streamer: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{prog} {command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    return exit_status("streamer", ns.command, lambda: ns.func(ns))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streamer.artifact import read_metadata, save_artifact
-from streamer.cli import stop_on_signals
+from streamer.cli import exit_status, stop_on_signals
 from streamer.errors import ConfigError, StreamerError
 from streamer.features import default_spec
 from streamer.metrics import HealthState, MetricsServer
@@ -106,18 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
-    try:
+
+    def run() -> int:
         settings = settings_from_args(TrainerSettings, args)
         logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return _COMMANDS[args.command](settings, args, console)
-    except ConfigError as exc:
-        print(f"trainer: {exc}", file=sys.stderr)
-        return 2
-    except StreamerError as exc:
-        print(f"trainer {args.command} failed: {exc}", file=sys.stderr)
-        return 1
+        return _COMMANDS[args.command](settings, args, Console())
+
+    return exit_status("trainer", args.command, run)
 
 
 def _progress(args: argparse.Namespace) -> bool:

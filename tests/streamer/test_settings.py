@@ -44,6 +44,13 @@ def write_config(tmp_path: Path, suffix: str, values: dict[str, object]) -> Path
     return path
 
 
+def refused(overrides: dict[str, str] | None = None, path: Path | None = None) -> ConfigError:
+    """The ConfigError that loading these values (and this config file) raises."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(StreamerSettings, overrides, path)
+    return info.value
+
+
 def test_defaults_and_dead_letter_topic() -> None:
     s = load_settings(StreamerSettings, {}, None)
     assert s.input_topic == "events" and s.capacity == 100_000 and s.device == "auto"
@@ -100,20 +107,18 @@ def test_frozen() -> None:
 
 def test_bad_env_var_names_field_env_and_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMER_MAX_BATCH_EVENTS", "lots")
-    with pytest.raises(ConfigError) as info:
-        load_settings(StreamerSettings, {}, None)
-    assert info.value.field == "max_batch_events"
-    text = str(info.value)
+    error = refused()
+    assert error.field == "max_batch_events"
+    text = str(error)
     assert "'max_batch_events'" in text and "'lots'" in text
     assert "STREAMER_MAX_BATCH_EVENTS" in text and "--max-batch-events" in text
 
 
 def test_bad_file_value(tmp_path: Path) -> None:
     path = write_config(tmp_path, ".yaml", {"window": 0})
-    with pytest.raises(ConfigError) as info:
-        load_settings(StreamerSettings, {}, path)
-    assert info.value.field == "window"
-    assert "STREAMER_WINDOW" in str(info.value) and "--window" in str(info.value)
+    error = refused(path=path)
+    assert error.field == "window"
+    assert "STREAMER_WINDOW" in str(error) and "--window" in str(error)
 
 
 def test_bad_flag() -> None:
@@ -134,17 +139,15 @@ def test_bad_flag() -> None:
     ],
 )
 def test_validators(overrides: dict[str, str], field: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        load_settings(StreamerSettings, overrides, None)
-    assert info.value.field == field
+    error = refused(overrides)
+    assert error.field == field
 
 
 def test_unknown_file_key_is_named(tmp_path: Path) -> None:
     path = write_config(tmp_path, ".toml", {"max_batch_evnts": 10})
-    with pytest.raises(ConfigError) as info:
-        load_settings(StreamerSettings, {}, path)
-    assert info.value.field == "max_batch_evnts"
-    assert "unknown key" in str(info.value) and "max_batch_events" in str(info.value)
+    error = refused(path=path)
+    assert error.field == "max_batch_evnts"
+    assert "unknown key" in str(error) and "max_batch_events" in str(error)
 
 
 @pytest.mark.parametrize(
@@ -156,10 +159,9 @@ def test_unusable_config_file(tmp_path: Path, name: str, text: str | None) -> No
     path = tmp_path / name
     if text is not None:
         path.write_text(text, encoding="utf-8")
-    with pytest.raises(ConfigError) as info:
-        load_settings(StreamerSettings, {}, path)
-    assert info.value.field == "config"
-    assert str(path) in str(info.value)
+    error = refused(path=path)
+    assert error.field == "config"
+    assert str(path) in str(error)
 
 
 def test_help_shows_env_var_and_default() -> None:
@@ -197,9 +199,8 @@ def test_metrics_address(address: str, host: str, port: int) -> None:
 
 @pytest.mark.parametrize("address", ["localhost", "h:70000", "h:-1", "h:http"])
 def test_bad_metrics_address(address: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        load_settings(StreamerSettings, {"metrics_address": address}, None)
-    assert info.value.field == "metrics_address"
+    error = refused({"metrics_address": address})
+    assert error.field == "metrics_address"
 
 
 def test_secret_not_leaked_and_security_kwargs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,12 @@ def _registry(tmp_path: Path) -> Registry:
     return Registry(tmp_path / "models", "default")
 
 
+def _init_tick(root: str, hidden: int, layers: int) -> None:
+    """An untrained tick model of this shape as the registry's current version."""
+    assert main(["init", "--kind", "tick", "--hidden", str(hidden), "--layers", str(layers),
+                 "--registry", root]) == 0
+
+
 def test_init_writes_a_seeded_untrained_artifact(tmp_path: Path) -> None:
     args = ["init", "--kind", "sensor", "--readings", "temp,vibration,pressure",
             "--hidden", "24", "--layers", "3", "--seed", "5"]
@@ -68,8 +74,7 @@ def test_train_publish_gate_list_promote_rollback(
 ) -> None:
     root = str(tmp_path / "models")
     reg = _registry(tmp_path)
-    assert main(["init", "--kind", "tick", "--hidden", "16", "--layers", "1",
-                 "--registry", root]) == 0
+    _init_tick(root, hidden=16, layers=1)
     untrained = reg.current()
 
     # A trained model beats the untrained current one and persistence: published.
@@ -99,15 +104,16 @@ def test_train_publish_gate_list_promote_rollback(
     assert main(["rollback", "--registry", root]) == 0 and reg.current() == trained
     assert main(["promote", untrained, "--registry", root]) == 0
     assert reg.current() == untrained
+    capsys.readouterr()
     assert main(["promote", "v-nope", "--registry", root]) == 1
+    assert "trainer promote failed: RegistryError" in capsys.readouterr().err
 
 
 def test_a_different_state_shape_is_refused_unless_forced(
     tmp_path: Path, small_tick_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = str(tmp_path / "models")
-    assert main(["init", "--kind", "tick", "--hidden", "32", "--layers", "2",
-                 "--registry", root]) == 0
+    _init_tick(root, hidden=32, layers=2)
     before = _registry(tmp_path).current()
     assert main(["train", "--input", str(small_tick_file), "--registry", root, *FAST]) == 0
     assert "cannot hot-swap" in capsys.readouterr().out
@@ -125,8 +131,7 @@ def test_evaluate_prints_and_writes_the_report(
     tmp_path: Path, small_tick_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = str(tmp_path / "models")
-    assert main(["init", "--kind", "tick", "--hidden", "16", "--layers", "1",
-                 "--registry", root]) == 0
+    _init_tick(root, hidden=16, layers=1)
     first = _registry(tmp_path).current()
     assert main(["train", "--input", str(small_tick_file), "--registry", root, *FAST]) == 0
     capsys.readouterr()
