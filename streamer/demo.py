@@ -22,8 +22,8 @@ from rich.live import Live
 from rich.table import Table
 
 from streamer.broker import EmbeddedBroker
+from streamer.collectors import MetricsSnapshot
 from streamer.demo_clients import PredictionWatcher, send_in_turn
-from streamer.metrics import MetricsSnapshot
 from streamer.service import Service
 from streamer.settings import StreamerSettings
 from streamer.simulate import make_simulator, run_simulator, write_jsonl
