@@ -1,4 +1,4 @@
-"""The ``streamer`` console script: run, broker, simulate, demo.
+"""The ``streamer`` console script: run, broker, simulate, demo, bench.
 
 Every ``run`` setting is a flag, an env var (STREAMER_*) and a config-file key; ``--help``
 names all three. A bad setting exits with status 2 and the field's name before anything starts.
@@ -109,6 +109,20 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         )
 
 
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from streamer.bench import BenchConfig, run_bench
+
+    _setup_logging("WARNING")
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    clients = ("kafka-python", "confluent") if ns.client == "both" else (ns.client,)
+    run_bench(BenchConfig(
+        keys=ns.keys, events=ns.events, rate=ns.rate, seconds=ns.seconds,
+        partitions=ns.partitions, brokers=ns.brokers, clients=clients, device=ns.device,
+        repeats=ns.repeats,
+    ))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--metrics-address", default="127.0.0.1:9108")
     demo.add_argument("--workdir", default=None, help="where models go (default: a temp dir)")
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="throughput and latency against a no-model relay")
+    bench.add_argument("--keys", type=int, default=1000)
+    bench.add_argument("--events", type=int, default=100_000, help="events for full speed")
+    bench.add_argument("--rate", type=float, default=1000.0, help="events/s for latency")
+    bench.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
+    bench.add_argument("--partitions", type=int, default=4)
+    bench.add_argument("--brokers", type=int, default=3)
+    bench.add_argument("--client", choices=("kafka-python", "confluent", "both"),
+                       default="both", help="Kafka client(s) of the streamer")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--repeats", type=int, default=3, help="runs; medians are printed")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

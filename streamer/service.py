@@ -31,6 +31,7 @@ from streamer.hotswap import ModelWatcher, open_model_source
 from streamer.kafka_edge import KafkaEdge
 from streamer.metrics import HealthState, Metrics, MetricsServer
 from streamer.settings import StreamerSettings
+from streamer.stages import StageTimer
 from streamer.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Service:
         self._assigned: set[int] = set()
         self._next_housekeeping = 0.0
         self._next_lag = 0.0
+        self.stages = StageTimer()
 
     @classmethod
     def from_settings(
@@ -124,7 +126,9 @@ class Service:
             while not stop.is_set():
                 self.health.beat()
                 self._between_batches()
+                t = self.stages.start()
                 batch = self.edge.poll()
+                self.stages.lap("consume", t)
                 if batch:
                     self.process(batch)
         finally:
@@ -141,9 +145,12 @@ class Service:
 
     def process(self, batch: Sequence[Message]) -> None:
         assert self.edge is not None
-        polled = time.time()
+        polled, stages = time.time(), self.stages
+        t = stages.start()
         decoded = decode_batch(batch, self.engine.spec, polled, self.settings.max_future_s)
+        t = stages.lap("decode", t)
         self._dead_letter(batch, decoded)
+        stages.lap("produce", t)
         step_s = 0.0
         if decoded.keys:
             parts = [batch[i].partition for i in decoded.index]
@@ -152,10 +159,14 @@ class Service:
                 decoded.keys, parts, decoded.raw, decoded.ts, polled
             )
             step_s = time.perf_counter() - t0
+            stages.add("engine", step_s)
             if evicted:
                 self.metrics.evicted("capacity", evicted)
             self._emit(batch, decoded, preds)
+        t = stages.start()
         self.edge.flush_and_commit(batch)
+        stages.lap("commit", t)
+        stages.batches += 1
         acked = time.time()
         self.metrics.committed()
         self.metrics.observe_batch(len(batch), step_s)
@@ -166,14 +177,19 @@ class Service:
         assert self.edge is not None
         topic, version, emitted_at = self.settings.output_topic, self.version, time.time()
         send, dumps = self.edge.send, json.dumps
+        t = self.stages.start()
+        values = []
         for j, (i, key) in enumerate(zip(decoded.index, decoded.keys, strict=True)):
             msg = batch[i]
-            value = dumps({
+            values.append(dumps({
                 "key": key, "ts": decoded.ts_raw[j], "partition": msg.partition,
                 "offset": msg.offset, "prediction": preds[j].tolist(),
                 "model_version": version, "emitted_at": emitted_at,
-            }, separators=(",", ":"))
-            send(topic, key.encode(), value.encode())
+            }, separators=(",", ":")).encode())
+        t = self.stages.lap("encode", t)
+        for key, value in zip(decoded.keys, values, strict=True):
+            send(topic, key.encode(), value)
+        self.stages.lap("produce", t)
 
     def _dead_letter(self, batch: Sequence[Message], decoded: DecodedBatch) -> None:
         assert self.edge is not None
