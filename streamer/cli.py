@@ -118,7 +118,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     run_bench(BenchConfig(
         keys=ns.keys, events=ns.events, rate=ns.rate, seconds=ns.seconds,
         partitions=ns.partitions, brokers=ns.brokers, clients=clients, device=ns.device,
-        repeats=ns.repeats,
+        repeats=ns.repeats, phases=tuple(ns.phases.split(",")),
+        overrides=tuple(tuple(kv.split("=", 1)) for kv in ns.set),  # type: ignore[misc]
     ))
     return 0
 
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                        default="both", help="Kafka client(s) of the streamer")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     bench.add_argument("--repeats", type=int, default=3, help="runs; medians are printed")
+    bench.add_argument("--phases", default="full,rate", help="full, rate or both")
+    bench.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                       help="a streamer setting for the run (e.g. max_batch_wait_ms=0)")
     bench.set_defaults(func=cmd_bench)
     return parser
 
