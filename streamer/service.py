@@ -24,11 +24,11 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from streamer.artifact import Artifact
+from streamer.edge import Edge, make_edge
 from streamer.engine import Engine
 from streamer.errors import ConfigError
 from streamer.events import DecodedBatch, Message, decode_batch
 from streamer.hotswap import ModelWatcher, open_model_source
-from streamer.kafka_edge import KafkaEdge
 from streamer.metrics import HealthState, Metrics, MetricsServer
 from streamer.settings import StreamerSettings
 from streamer.stages import StageTimer
@@ -73,7 +73,7 @@ class Service:
             self.metrics.registry, self.health, settings.metrics_host, settings.metrics_port
         )
         self.metrics.set_model_version(self.version)
-        self.edge: KafkaEdge | None = None
+        self.edge: Edge | None = None
         self._assigned: set[int] = set()
         self._next_housekeeping = 0.0
         self._next_lag = 0.0
@@ -114,10 +114,10 @@ class Service:
 
     # --- the loop ----------------------------------------------------------------------
 
-    def run(self, stop: threading.Event, edge: KafkaEdge | None = None) -> None:
+    def run(self, stop: threading.Event, edge: Edge | None = None) -> None:
         """Consume until ``stop`` is set; then finish the batch, flush, commit and leave."""
         self.http.start()
-        self.edge = edge or KafkaEdge(
+        self.edge = edge or make_edge(
             self.settings, self._on_assign, self._on_revoke, self._on_gap
         )
         if self.watcher is not None:

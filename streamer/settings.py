@@ -162,6 +162,9 @@ class StreamerSettings(KafkaClientSettings):
     fetch_max_wait_ms: int = Field(
         10, ge=0, description="broker-side fetch wait (kafka fetch_max_wait_ms)"
     )
+    kafka_client: Literal["kafka-python", "confluent"] = Field(
+        "kafka-python", description="Kafka client library of the edge (confluent: librdkafka)"
+    )
     capacity: int = Field(100_000, gt=0, description="key slots preallocated for LSTM state")
     key_ttl_s: float | None = Field(
         None, gt=0, description="evict keys idle this long; unset evicts only for capacity"

@@ -1,0 +1,473 @@
+"""The Kafka edge on confluent-kafka (librdkafka): ``--kafka-client confluent``.
+
+Same contract as :mod:`streamer.kafka_edge` (see :class:`streamer.edge.Edge`): offsets are
+committed only after every output of their batch was acknowledged; a batch never mixes records
+from before and after a rebalance; transient faults raise ``KafkaUnavailable`` and every wait is
+bounded. What differs is how librdkafka works:
+
+- fetching runs in librdkafka's own threads, so :meth:`poll` waits for the first record and then
+  takes only what is already queued: at light load a batch is handed over as soon as it arrives,
+  at full speed it fills to ``max_batch_events`` without waiting;
+- rebalance callbacks run inside ``poll()``/``consume()``. With the default ``sticky`` assignor
+  the protocol is incremental cooperative (``cooperative-sticky``): only moved partitions are
+  revoked, and records of a revoked partition are dropped from the batch being filled (their
+  new owner reads them from the committed offset). With eager assignors (``range``,
+  ``roundrobin``) a partition that comes back resumes after the last record already read;
+- offsets are committed asynchronously after the batch's acks (the result arrives in a later
+  ``poll``; a failed commit puts its offsets back for the next one); a sync commit happens on
+  revocation and on close;
+- keys go to the same partitions as with kafka-python (``partitioner=murmur2_random``, the Java
+  default), and the producer is idempotent, which keeps a key's outputs in order across retries.
+
+Usage::
+
+    edge = ConfluentEdge(settings, on_assign=..., on_revoke=...)
+    batch = edge.poll()
+    edge.send(topic, key, value, headers)
+    edge.flush_and_commit(batch)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from streamer.errors import ConfigError, KafkaEdgeError, KafkaUnavailable
+from streamer.events import Message
+from streamer.settings import StreamerSettings
+
+log = logging.getLogger(__name__)
+
+PartitionCallback = Callable[[set[int]], None]
+
+_IDLE_POLL_S = 0.1  # longest wait for a first record; the loop heartbeats in between
+_WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
+ASSIGNORS = {"sticky": "cooperative-sticky", "range": "range", "roundrobin": "roundrobin"}
+# Errors retrying cannot fix: settings, credentials or the data must change first.
+FATAL_CODES = {
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED,
+    KafkaError._AUTHENTICATION, KafkaError._INVALID_ARG, KafkaError.INVALID_CONFIG,
+    KafkaError.UNSUPPORTED_VERSION, KafkaError.UNSUPPORTED_SASL_MECHANISM,
+    KafkaError.INVALID_GROUP_ID, KafkaError.INVALID_SESSION_TIMEOUT, KafkaError.TOPIC_EXCEPTION,
+    KafkaError.FENCED_INSTANCE_ID, KafkaError.MSG_SIZE_TOO_LARGE, KafkaError._FATAL,
+}
+# The group moved on: the pending offsets are no longer ours to commit.
+MEMBERSHIP_CODES = {
+    KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
+    KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST, KafkaError._STATE,
+}
+
+
+def is_transient(err: KafkaError) -> bool:
+    """Whether retrying later can succeed: every librdkafka error except fatal ones and those
+    in FATAL_CODES (a setting, a credential or a record to fix)."""
+    return not err.fatal() and err.code() not in FATAL_CODES
+
+
+def _raise(what: str, err: KafkaError) -> None:
+    cls = KafkaUnavailable if is_transient(err) else KafkaEdgeError
+    raise cls(f"{what}: {err.name()}: {err.str()}")
+
+
+def librdkafka_config(settings: StreamerSettings) -> dict[str, Any]:
+    """Connection and security settings under librdkafka's names (shared by both clients)."""
+    conf: dict[str, Any] = {"bootstrap.servers": settings.bootstrap_servers,
+                            "security.protocol": settings.security_protocol.lower()}
+    mechanism = getattr(settings, "sasl_mechanism", None)
+    if mechanism == "OAUTHBEARER":
+        raise ConfigError("sasl_mechanism", "OAUTHBEARER is only supported with "
+                          "kafka_client=kafka-python")
+    names = {"sasl_mechanism": "sasl.mechanism", "sasl_username": "sasl.username",
+             "sasl_password": "sasl.password", "ssl_cafile": "ssl.ca.location",
+             "ssl_certfile": "ssl.certificate.location", "ssl_keyfile": "ssl.key.location",
+             "ssl_key_password": "ssl.key.password"}
+    for field, name in names.items():
+        value = getattr(settings, field, None)
+        if value is None:
+            continue
+        secret = getattr(value, "get_secret_value", None)
+        conf[name] = secret() if callable(secret) else str(value)
+    if getattr(settings, "ssl_check_hostname", True) is False:
+        conf["ssl.endpoint.identification.algorithm"] = "none"
+    return conf
+
+
+class ConfluentEdge:
+    """One consumer-group member and one idempotent producer on librdkafka.
+
+    ``stop`` (optional) is the service's stop event: once set, waits are cut to what is left of
+    ``drain_timeout_s``; ``beat`` is called at least every 0.5 s while a wait blocks.
+    """
+
+    def __init__(
+        self,
+        settings: StreamerSettings,
+        on_assign: PartitionCallback,
+        on_revoke: PartitionCallback,
+        on_gap: Callable[[int, int], None] | None = None,
+        on_dropped: Callable[[int], None] | None = None,
+        on_commit_failed: Callable[[str], None] | None = None,
+        stop: threading.Event | None = None,
+        beat: Callable[[], None] | None = None,
+        **_: Any,
+    ) -> None:
+        self.settings = settings
+        self.topic = settings.input_topic
+        self.on_assign = on_assign
+        self.on_revoke = on_revoke
+        self.on_gap = on_gap or (lambda partition, n: None)
+        self.on_dropped = on_dropped or (lambda n: None)
+        self.on_commit_failed = on_commit_failed or (lambda reason: None)
+        self.stop = stop or threading.Event()
+        self.beat = beat or (lambda: None)
+        self.generation = 0  # bumped by every rebalance callback
+        self._drain_deadline: float | None = None
+        self._owned: set[int] = set()
+        self._eager_revoked: set[int] = set()
+        self._next_offset: dict[int, int] = {}  # partition -> next offset to read
+        self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
+        self._sent = 0
+        self._failures: list[KafkaError] = []
+        base = librdkafka_config(settings)
+        assignor = ASSIGNORS[getattr(settings, "partition_assignor", "sticky")]
+        self._cooperative = assignor == "cooperative-sticky"
+        consumer_conf: dict[str, Any] = {
+            **base,
+            "group.id": settings.group_id,
+            "client.id": f"streamer-{settings.group_id}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": settings.auto_offset_reset,
+            "fetch.wait.max.ms": settings.fetch_max_wait_ms,
+            "partition.assignment.strategy": assignor,
+            "isolation.level": getattr(settings, "isolation_level", "read_uncommitted"),
+            "on_commit": self._on_commit,
+            "error_cb": self._on_error,
+        }
+        optional = {"session_timeout_ms": "session.timeout.ms",
+                    "heartbeat_interval_ms": "heartbeat.interval.ms",
+                    "max_poll_interval_ms": "max.poll.interval.ms",
+                    "group_instance_id": "group.instance.id", "check_crcs": "check.crcs"}
+        for field, name in optional.items():
+            value = getattr(settings, field, None)
+            if value is not None:
+                consumer_conf[name] = value
+        producer_conf: dict[str, Any] = {
+            **base,
+            "client.id": f"streamer-{settings.group_id}-out",
+            "acks": "all",
+            "enable.idempotence": True,  # in order across retries, several requests in flight
+            "linger.ms": 1,
+            "partitioner": "murmur2_random",  # the Java/kafka-python default: same partitions
+            "error_cb": self._on_error,
+        }
+        compression = getattr(settings, "output_compression", None)
+        if compression not in (None, "none"):
+            producer_conf["compression.type"] = compression
+        if getattr(settings, "max_request_size", None) is not None:
+            producer_conf["message.max.bytes"] = settings.max_request_size  # type: ignore[attr-defined]
+        if getattr(settings, "request_timeout_ms", None) is not None:
+            producer_conf["request.timeout.ms"] = settings.request_timeout_ms  # type: ignore[attr-defined]
+        self._fatal: KafkaError | None = None
+        try:
+            self.consumer = Consumer(consumer_conf)
+            self.producer = Producer(producer_conf)
+        except KafkaException as exc:
+            raise KafkaEdgeError(f"bad Kafka client configuration: {exc}") from exc
+        self.consumer.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked,
+                                on_lost=self._lost)
+
+    # --- rebalance callbacks (inside consumer.poll/consume) ---------------------------------
+
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.generation += 1
+        added = {tp.partition for tp in partitions}
+        if not self._cooperative:
+            lost, self._eager_revoked = self._eager_revoked - added, set()
+            if lost:
+                self._forget(lost)
+                self.on_revoke(lost)
+            # Eager: everything was revoked first; a partition that came back resumes after
+            # the last record read (those before were committed on revocation or are in the
+            # batch being filled, which keeps them).
+            for tp in partitions:
+                if tp.partition in self._next_offset:
+                    tp.offset = self._next_offset[tp.partition]
+            consumer.assign(partitions)
+        else:
+            consumer.incremental_assign(partitions)
+        self._owned |= added
+        self.on_assign(set(self._owned))
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.generation += 1
+        revoked = {tp.partition for tp in partitions}
+        try:
+            self._commit_now()
+        finally:
+            self._release(consumer, partitions, revoked)
+
+    def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions taken away without a clean revocation (e.g. a missed session): their
+        offsets are not ours to commit any more."""
+        self.generation += 1
+        for tp in partitions:
+            self._uncommitted.pop(tp.partition, None)
+        self._release(consumer, partitions, {tp.partition for tp in partitions})
+
+    def _release(self, consumer: Consumer, partitions: list[TopicPartition],
+                 revoked: set[int]) -> None:
+        if self._cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
+        self._owned -= revoked
+        if not self._cooperative:  # eager: what is lost is known at the next assignment
+            self._eager_revoked |= revoked
+            return
+        self._forget(revoked)
+        self.on_revoke(revoked)
+
+    def _forget(self, partitions: set[int]) -> None:
+        for p in partitions:
+            self._next_offset.pop(p, None)
+            self._uncommitted.pop(p, None)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = err
+        else:
+            log.debug("librdkafka: %s", err)
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is None or err.code() == KafkaError._NO_OFFSET:
+            return
+        if err.code() in MEMBERSHIP_CODES:
+            self.on_commit_failed("rebalance")
+            log.warning("offset commit rejected (%s): the group rebalanced; those offsets will "
+                        "be re-delivered", err.name())
+            return
+        self.on_commit_failed("timeout")
+        log.warning("offset commit failed (%s); retried with the next commit", err.name())
+        for tp in partitions:
+            if tp.partition in self._owned and tp.offset >= 0:
+                self._uncommitted[tp.partition] = max(
+                    self._uncommitted.get(tp.partition, 0), tp.offset)
+
+    # --- consuming -------------------------------------------------------------------------
+
+    def poll(self) -> list[Message]:
+        """Records of owned partitions: waits up to 0.1 s for a first one, then takes what is
+        already queued, up to ``max_batch_events``. A rebalance during the call drops records
+        of partitions revoked meanwhile (counted through ``on_dropped``)."""
+        limit = self.settings.max_batch_events
+        generation = self.generation
+        first = self.consumer.poll(_IDLE_POLL_S)
+        if first is None:
+            self._check_fatal()
+            return []
+        msgs = [first, *self.consumer.consume(limit - 1, timeout=0)] if limit > 1 else [first]
+        batch: list[Message] = []
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                _raise("poll failed", err)
+            partition, offset = m.partition() or 0, m.offset() or 0
+            self._check_gap(partition, offset)
+            self._next_offset[partition] = offset + 1
+            batch.append(Message(m.key(), m.value(), partition, offset))
+        if self.generation != generation:
+            kept = [m for m in batch if m.partition in self._owned]
+            if len(kept) != len(batch):
+                self.on_dropped(len(batch) - len(kept))
+                log.warning("rebalance during a batch: dropped %d records of partitions no "
+                            "longer assigned", len(batch) - len(kept))
+            batch = kept
+        return batch
+
+    def _check_gap(self, partition: int, offset: int) -> None:
+        expected = self._next_offset.get(partition)
+        if expected is not None and offset > expected:
+            try:
+                low, _ = self.consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, partition), timeout=1.0)
+            except KafkaException:
+                return
+            if low > expected:
+                skipped = min(low, offset) - expected
+                log.warning("SKIPPED %d offsets on %s[%d] (%d..%d): the broker deleted them "
+                            "(retention) before they were read; those events were NOT "
+                            "processed", skipped, self.topic, partition, expected,
+                            expected + skipped - 1)
+                self.on_gap(partition, skipped)
+
+    def _check_fatal(self) -> None:
+        if self._fatal is not None:
+            raise KafkaEdgeError(f"fatal Kafka error: {self._fatal.name()}: {self._fatal.str()}")
+
+    def rewind(self, batch: Sequence[Message]) -> None:
+        """Seek each owned partition of ``batch`` back to its first record (re-delivery)."""
+        first: dict[int, int] = {}
+        for m in batch:
+            first[m.partition] = min(first.get(m.partition, m.offset), m.offset)
+        for partition, offset in first.items():
+            if partition in self._owned:
+                try:
+                    self.consumer.seek(TopicPartition(self.topic, partition, offset))
+                except KafkaException as exc:
+                    log.warning("cannot seek %s[%d] to %d: %s", self.topic, partition, offset,
+                                exc)
+                self._next_offset[partition] = offset
+
+    # --- producing and committing ----------------------------------------------------------
+
+    def _delivered(self, err: KafkaError | None, _msg: Any) -> None:
+        if err is not None:
+            self._failures.append(err)
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None,
+             headers: list[tuple[str, bytes]] | None = None, origin: object = None) -> None:
+        deadline = self._deadline(getattr(self.settings, "flush_timeout_s", 30.0))
+        while True:
+            try:
+                self.producer.produce(topic, value, key, headers=headers,  # type: ignore[arg-type]
+                                      on_delivery=self._delivered)
+                self._sent += 1
+                return
+            except BufferError:  # the local queue is full: serve acks, then try again
+                if time.monotonic() >= deadline:
+                    raise KafkaUnavailable(f"produce to {topic}: local queue full") from None
+                self.producer.poll(0.01)
+            except KafkaException as exc:
+                _raise(f"produce to {topic} failed", exc.args[0])
+
+    def flush_and_commit(self, batch: Sequence[Message]) -> bool:
+        """Wait for the acks of everything sent for ``batch``, then commit its offsets
+        (asynchronously). Raises KafkaUnavailable, after seeking back, when acks do not come
+        within ``flush_timeout_s`` or a record failed."""
+        try:
+            self.flush()
+        except KafkaEdgeError:
+            self.rewind(batch)
+            raise
+        for msg in batch:
+            if msg.partition in self._owned:
+                self._uncommitted[msg.partition] = max(
+                    self._uncommitted.get(msg.partition, 0), msg.offset + 1)
+        return self.commit_pending()
+
+    def flush(self) -> None:
+        sent, self._sent = self._sent, 0
+        if not sent and not self._failures:
+            return
+        deadline = self._deadline(getattr(self.settings, "flush_timeout_s", 30.0))
+        while True:
+            deadline = self._cap(deadline)
+            left = self.producer.flush(max(min(deadline - time.monotonic(), _WAIT_SLICE_S), 0))
+            if left == 0:
+                break
+            self.beat()
+            if time.monotonic() >= deadline:
+                raise KafkaUnavailable(f"{left} of {sent} records not acknowledged in time; "
+                                       "offsets not committed, the batch will be re-delivered")
+        failures, self._failures = self._failures, []
+        if failures:
+            err = failures[0]
+            cls = KafkaUnavailable if is_transient(err) else KafkaEdgeError
+            raise cls(f"{len(failures)} of {sent} records were not acknowledged: {err.name()}: "
+                      f"{err.str()}; offsets not committed, the batch will be re-delivered")
+
+    def commit_pending(self, asynchronous: bool = True) -> bool:
+        """Commit acknowledged offsets; returns whether a commit was issued. Asynchronous by
+        default (the result comes through ``on_commit``); never raises for a transient fault."""
+        if not self._uncommitted:
+            return False
+        offsets = [TopicPartition(self.topic, p, o) for p, o in self._uncommitted.items()]
+        self._uncommitted.clear()
+        try:
+            if asynchronous:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
+                return True
+            result = self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if not asynchronous:
+                self._on_commit(err, offsets)
+                if not is_transient(err):
+                    raise KafkaEdgeError(f"commit failed: {err.name()}: {err.str()}") from exc
+                return False
+            _raise("commit failed", err)
+        if result:
+            failed = [tp for tp in result if tp.error is not None]
+            if failed:
+                self._on_commit(failed[0].error, failed)
+                return False
+        return True
+
+    def _commit_now(self) -> bool:
+        """Flush and commit synchronously (revocation, close): nothing acknowledged is lost."""
+        try:
+            self.flush()
+        except KafkaEdgeError as exc:
+            log.error("flush before a synchronous commit failed: %s", exc)
+            return False
+        return self.commit_pending(asynchronous=False)
+
+    def _deadline(self, timeout_s: float) -> float:
+        return self._cap(time.monotonic() + timeout_s)
+
+    def _cap(self, deadline: float) -> float:
+        if self.stop.is_set():
+            if self._drain_deadline is None:
+                drain = getattr(self.settings, "drain_timeout_s", 10.0)
+                self._drain_deadline = time.monotonic() + drain
+            deadline = min(deadline, self._drain_deadline)
+        return deadline
+
+    # --- state -----------------------------------------------------------------------------
+
+    def assigned_partitions(self) -> set[int]:
+        return set(self._owned)
+
+    def lag(self) -> dict[tuple[str, int], float] | None:
+        """Per owned partition: the high watermark of the last fetch minus the position. Both
+        are librdkafka's local state: measuring lag sends no request."""
+        lags: dict[tuple[str, int], float] = {}
+        tps = [TopicPartition(self.topic, p) for p in sorted(self._owned)]
+        if not tps:
+            return lags
+        try:
+            positions = self.consumer.position(tps)
+            for tp in positions:
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if high >= 0 and tp.offset >= 0:
+                    lags[(tp.topic, tp.partition)] = float(max(high - tp.offset, 0))
+        except KafkaException as exc:
+            log.debug("cannot read lag: %s", exc)
+            return None
+        return lags
+
+    def close(self) -> bool:
+        """Flush, commit synchronously and leave the group, within ``drain_timeout_s``.
+        Returns whether everything sent was acknowledged and committed. Safe to call twice."""
+        if getattr(self, "_closed", False):
+            return True
+        self._closed = True
+        self.stop.set()
+        clean = self._commit_now()
+        deadline = self._deadline(getattr(self.settings, "drain_timeout_s", 10.0))
+        left = self.producer.flush(max(deadline - time.monotonic(), 0.0))
+        clean = clean and left == 0
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("leaving the group: %s", exc)
+        return clean

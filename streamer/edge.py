@@ -1,0 +1,67 @@
+"""The Kafka edge as one small interface, with a kafka-python and a confluent-kafka implementation.
+
+The service only ever talks to :class:`Edge`; ``kafka_client`` (``--kafka-client``) picks the
+implementation: ``kafka-python`` (:mod:`streamer.kafka_edge`, the default) or ``confluent``
+(:mod:`streamer.confluent_edge`, librdkafka). Both keep the same contract: at-least-once
+(offsets committed only after every output of the batch was acknowledged), batches that never
+mix records from before and after a rebalance, transient faults raised as ``KafkaUnavailable``
+and bounded waits.
+
+Usage::
+
+    edge = make_edge(settings, on_assign, on_revoke, on_gap)
+    batch = edge.poll()
+    edge.send(topic, key, value)
+    edge.flush_and_commit(batch)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from streamer.events import Message
+from streamer.settings import StreamerSettings
+
+PartitionCallback = Callable[[set[int]], None]
+
+
+class Edge(Protocol):
+    """What the service needs from Kafka: poll a batch, send, flush and commit, ownership."""
+
+    def poll(self) -> list[Message]:
+        """Up to ``max_batch_events`` records of partitions this member owns (maybe none)."""
+        ...
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None,
+             headers: list[tuple[str, bytes]] | None = None) -> None:
+        """Buffer one output record."""
+        ...
+
+    def flush_and_commit(self, batch: Sequence[Message]) -> Any:
+        """Wait until every record sent for ``batch`` is acknowledged, then commit it."""
+        ...
+
+    def assigned_partitions(self) -> set[int]:
+        ...
+
+    def lag(self) -> Any:
+        """Per (topic, partition): messages between the position and the high watermark."""
+        ...
+
+    def close(self) -> Any:
+        """Flush, commit, leave the group."""
+        ...
+
+
+def make_edge(settings: StreamerSettings, on_assign: PartitionCallback,
+              on_revoke: PartitionCallback, on_gap: Callable[[int, int], None] | None = None,
+              **kwargs: Any) -> Edge:
+    """The edge ``settings.kafka_client`` names, wired to the service's callbacks."""
+    if settings.kafka_client == "confluent":
+        from streamer.confluent_edge import ConfluentEdge
+
+        return ConfluentEdge(settings, on_assign, on_revoke, on_gap, **kwargs)
+    from streamer.kafka_edge import KafkaEdge
+
+    return KafkaEdge(settings, on_assign, on_revoke, on_gap, **kwargs)
