@@ -20,6 +20,12 @@ def broker() -> Iterator[EmbeddedBroker]:
         yield b
 
 
+@pytest.fixture(params=["kafka-python", "confluent"])
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    """The Kafka client of the service under test: each test that takes it runs with both."""
+    return str(request.param)
+
+
 @pytest.fixture
 def topics(broker: EmbeddedBroker) -> Topics:
     """Input (4 partitions), output and dead-letter topics with names unique to the test."""

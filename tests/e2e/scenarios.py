@@ -57,10 +57,11 @@ def wait_for_sample(port: int, name: str, at_least: float, timeout_s: float = 10
         time.sleep(0.05)
 
 
-def one_prediction_per_offset(topics: Topics, artifact_dir: Path, n: int) -> None:
+def one_prediction_per_offset(topics: Topics, artifact_dir: Path, n: int,
+                              client: str = "kafka-python") -> None:
     """Every input offset gets exactly one prediction, equal to the offline reference."""
     keys, values, ts = generic_events(n, n_keys=max(2, n // 25))
-    with running_service(settings_for(topics, artifact_dir)) as service:
+    with running_service(settings_for(topics, artifact_dir, kafka_client=client)) as service:
         coords = produce(topics.bootstrap, topics.input, encode(keys, values, ts))
         out = json_values(read_topic(topics.bootstrap, topics.output, expect=n))
         text = wait_for_sample(service.http.port, "streamer_end_to_end_latency_seconds_count", n)
@@ -101,13 +102,14 @@ def bad_records(now: float) -> dict[str, Record]:
     }
 
 
-def dead_letters_with_reasons(topics: Topics, artifact_dir: Path) -> None:
+def dead_letters_with_reasons(topics: Topics, artifact_dir: Path,
+                              client: str = "kafka-python") -> None:
     """Poison messages go to the DLQ unchanged, with reason headers; good ones still flow."""
     now = time.time()
     good: Record = (b"a", json.dumps({"key": "a", "ts": now, "values": [1, 2, 3, 4]}).encode())
     bad = bad_records(now)
     records = [good, *bad.values(), good]
-    with running_service(settings_for(topics, artifact_dir)) as service:
+    with running_service(settings_for(topics, artifact_dir, kafka_client=client)) as service:
         coords = produce(topics.bootstrap, topics.input, records)
         dlq = read_topic(topics.bootstrap, topics.dlq, expect=len(bad))
         out = json_values(read_topic(topics.bootstrap, topics.output, expect=2))
@@ -130,19 +132,21 @@ def dead_letters_with_reasons(topics: Topics, artifact_dir: Path) -> None:
         assert sample(text, "streamer_dead_letter_total", f'reason="{reason}"') == 1
 
 
-def streamer_process(topics: Topics, artifact_dir: Path, group: str) -> subprocess.Popen[str]:
+def streamer_process(topics: Topics, artifact_dir: Path, group: str,
+                     client: str = "kafka-python") -> subprocess.Popen[str]:
     """``streamer run`` as an operator starts it: flags and env vars, its own process."""
     return subprocess.Popen(
         [sys.executable, "-m", "streamer.cli", "run", "--bootstrap-servers", topics.bootstrap,
          "--input-topic", topics.input, "--output-topic", topics.output, "--group-id", group,
          "--model", str(artifact_dir), "--metrics-address", "127.0.0.1:0",
-         "--max-batch-events", "50"],
+         "--max-batch-events", "50", "--kafka-client", client],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "STREAMER_DEVICE": "cpu", "STREAMER_DLQ_TOPIC": topics.dlq},
     )
 
 
-def sigterm_mid_stream_then_successor(topics: Topics, artifact_dir: Path, n: int) -> None:
+def sigterm_mid_stream_then_successor(topics: Topics, artifact_dir: Path, n: int,
+                                      client: str = "kafka-python") -> None:
     """SIGTERM while events arrive: the process drains, commits what it emitted and exits 0;
     a successor in the same group finishes. Nothing lost, nothing predicted twice.
 
@@ -158,7 +162,7 @@ def sigterm_mid_stream_then_successor(topics: Topics, artifact_dir: Path, n: int
     live_from, tail_from = n // 3, 2 * n // 3
     coords = produce(topics.bootstrap, topics.input, records[:live_from])
     group = f"sigterm-{topics.input}"
-    proc = streamer_process(topics, artifact_dir, group)
+    proc = streamer_process(topics, artifact_dir, group, client)
     try:
         if not read_topic(topics.bootstrap, topics.output, expect=1, timeout_s=60, settle_s=0):
             proc.kill()
@@ -187,7 +191,8 @@ def sigterm_mid_stream_then_successor(topics: Topics, artifact_dir: Path, n: int
     assert "received SIGTERM, draining" in out and "stopped cleanly" in out, out
     coords += live + produce(topics.bootstrap, topics.input, records[tail_from:])
 
-    with running_service(settings_for(topics, artifact_dir, group_id=group)):
+    with running_service(settings_for(topics, artifact_dir, group_id=group,
+                                      kafka_client=client)):
         outputs = read_topic(topics.bootstrap, topics.output, expect=n, timeout_s=90)
     seen = [(o["partition"], o["offset"]) for o in json_values(outputs)]
     assert len(coords) == n

@@ -2,6 +2,7 @@
 real Apache Kafka (testcontainers) wherever Docker answers. Bodies live in scenarios.py.
 
 These are also the embedded-broker integration tests of tests/streamer (not repeated there).
+Each runs with both Kafka clients of the edge (``kafka_client``: kafka-python, confluent).
 """
 
 from __future__ import annotations
@@ -12,15 +13,20 @@ from ..kafka_helpers import Topics
 from . import scenarios
 
 
-def test_one_prediction_per_input_offset(cluster_topics: Topics, artifact_dir: Path) -> None:
-    scenarios.one_prediction_per_offset(cluster_topics, artifact_dir, n=3000)
+def test_one_prediction_per_input_offset(
+    cluster_topics: Topics, artifact_dir: Path, kafka_client: str
+) -> None:
+    scenarios.one_prediction_per_offset(cluster_topics, artifact_dir, n=3000, client=kafka_client)
 
 
-def test_bad_input_goes_to_the_dlq_with_reasons(cluster_topics: Topics, artifact_dir: Path) -> None:
-    scenarios.dead_letters_with_reasons(cluster_topics, artifact_dir)
+def test_bad_input_goes_to_the_dlq_with_reasons(
+    cluster_topics: Topics, artifact_dir: Path, kafka_client: str
+) -> None:
+    scenarios.dead_letters_with_reasons(cluster_topics, artifact_dir, client=kafka_client)
 
 
 def test_sigterm_mid_stream_then_successor_loses_nothing(
-    cluster_topics: Topics, artifact_dir: Path
+    cluster_topics: Topics, artifact_dir: Path, kafka_client: str
 ) -> None:
-    scenarios.sigterm_mid_stream_then_successor(cluster_topics, artifact_dir, n=1500)
+    scenarios.sigterm_mid_stream_then_successor(cluster_topics, artifact_dir, n=1500,
+                                                client=kafka_client)
