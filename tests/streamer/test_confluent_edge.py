@@ -1,0 +1,86 @@
+"""The confluent-kafka edge through the embedded broker's real group coordinator: a second
+member joins and the first leaves while events flow (incremental cooperative rebalancing), and
+still every input offset gets exactly one prediction. The scenarios shared with kafka-python
+(one prediction per offset, DLQ, SIGTERM) run with both clients in tests/e2e."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from streamer.confluent_edge import librdkafka_config
+from streamer.errors import ConfigError
+
+from ..kafka_helpers import Topics, json_values, produce, read_topic
+from .service_helpers import running_service, settings_for
+
+
+def _records(lo: int, hi: int) -> list[tuple[bytes | None, bytes | None]]:
+    now = time.time()
+    return [(f"k{i % 29}".encode(),
+             json.dumps({"ts": now + i * 1e-4, "values": [i % 5, 1.0, 0.0, -1.0]}).encode())
+            for i in range(lo, hi)]
+
+
+def _wait(cond: object, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.05)
+    assert cond(), "condition not met in time"  # type: ignore[operator]
+
+
+def test_members_join_and_leave_mid_stream_one_prediction_per_offset(
+    topics: Topics, artifact_dir: Path
+) -> None:
+    settings = settings_for(topics, artifact_dir, kafka_client="confluent",
+                            group_id=f"coop-{topics.input}", max_batch_events=64)
+    n, coords = 3000, []
+    feeding = threading.Event()
+
+    def feed(lo: int, hi: int) -> None:
+        for start in range(lo, hi, 100):
+            coords.extend(produce(topics.bootstrap, topics.input, _records(start, start + 100)))
+            feeding.set()
+            time.sleep(0.02)
+
+    with running_service(settings) as first:
+        _wait(lambda: first._assigned == {0, 1, 2, 3}, 30)
+        feed(0, 1000)
+        with running_service(settings) as second:  # joins: partitions move while events flow
+            feeder = threading.Thread(target=feed, args=(1000, 2000))
+            feeder.start()
+            _wait(lambda: second._assigned and first._assigned, 30)
+            assert first._assigned.isdisjoint(second._assigned)
+            feeder.join()
+        # the second member left: the first gets everything back
+        _wait(lambda: first._assigned == {0, 1, 2, 3}, 30)
+        feed(2000, n)
+        outputs = json_values(read_topic(topics.bootstrap, topics.output, expect=n,
+                                         timeout_s=60, settle_s=1.0))
+    seen = [(o["partition"], o["offset"]) for o in outputs]
+    assert set(seen) == set(coords), "every input offset has a prediction"
+    assert len(seen) == n, "and exactly one: commits on revocation cover what was emitted"
+
+
+def test_security_settings_use_librdkafka_names(topics: Topics, artifact_dir: Path) -> None:
+    settings = settings_for(topics, artifact_dir, security_protocol="SASL_SSL",
+                            sasl_mechanism="SCRAM-SHA-512", sasl_username="u",
+                            sasl_password="secret")
+    conf = librdkafka_config(settings)
+    assert conf["security.protocol"] == "sasl_ssl"
+    assert conf["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert conf["sasl.username"] == "u" and conf["sasl.password"] == "secret"
+
+
+def test_oauthbearer_is_refused_naming_the_field(topics: Topics, artifact_dir: Path) -> None:
+    class OAuth:
+        def __getattr__(self, name: str) -> object:
+            return "OAUTHBEARER" if name == "sasl_mechanism" else getattr(base, name)
+
+    base = settings_for(topics, artifact_dir)
+    with pytest.raises(ConfigError, match="sasl_mechanism"):
+        librdkafka_config(OAuth())  # type: ignore[arg-type]
