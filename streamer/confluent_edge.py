@@ -246,19 +246,18 @@ class ConfluentEdge:
             log.debug("librdkafka: %s", err)
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        if err is None or err.code() == KafkaError._NO_OFFSET:
+        """A commit's result (inside poll when asynchronous). Pending offsets stay pending until
+        a commit covering them succeeded: a commit rejected while a cooperative rebalance is in
+        progress is retried by the next one, and the synchronous commit on revocation still
+        covers everything acknowledged."""
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
+            reason = "rebalance" if err.code() in MEMBERSHIP_CODES else "timeout"
+            self.on_commit_failed(reason)
+            log.warning("offset commit failed (%s); retried with the next commit", err.name())
             return
-        if err.code() in MEMBERSHIP_CODES:
-            self.on_commit_failed("rebalance")
-            log.warning("offset commit rejected (%s): the group rebalanced; those offsets will "
-                        "be re-delivered", err.name())
-            return
-        self.on_commit_failed("timeout")
-        log.warning("offset commit failed (%s); retried with the next commit", err.name())
         for tp in partitions:
-            if tp.partition in self._owned and tp.offset >= 0:
-                self._uncommitted[tp.partition] = max(
-                    self._uncommitted.get(tp.partition, 0), tp.offset)
+            if tp.error is None and self._uncommitted.get(tp.partition, -1) <= tp.offset:
+                self._uncommitted.pop(tp.partition, None)
 
     # --- consuming -------------------------------------------------------------------------
 
@@ -386,12 +385,12 @@ class ConfluentEdge:
                       f"{err.str()}; offsets not committed, the batch will be re-delivered")
 
     def commit_pending(self, asynchronous: bool = True) -> bool:
-        """Commit acknowledged offsets; returns whether a commit was issued. Asynchronous by
-        default (the result comes through ``on_commit``); never raises for a transient fault."""
+        """Commit acknowledged offsets; returns whether a commit was issued (asynchronous, the
+        default: the result comes through ``on_commit``) or succeeded (synchronous). Never
+        raises for a transient fault."""
         if not self._uncommitted:
             return False
         offsets = [TopicPartition(self.topic, p, o) for p, o in self._uncommitted.items()]
-        self._uncommitted.clear()
         try:
             if asynchronous:
                 self.consumer.commit(offsets=offsets, asynchronous=True)
@@ -399,18 +398,13 @@ class ConfluentEdge:
             result = self.consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
             err = exc.args[0]
-            if not asynchronous:
-                self._on_commit(err, offsets)
-                if not is_transient(err):
-                    raise KafkaEdgeError(f"commit failed: {err.name()}: {err.str()}") from exc
-                return False
-            _raise("commit failed", err)
-        if result:
-            failed = [tp for tp in result if tp.error is not None]
-            if failed:
-                self._on_commit(failed[0].error, failed)
-                return False
-        return True
+            if not is_transient(err):
+                raise KafkaEdgeError(f"commit failed: {err.name()}: {err.str()}") from exc
+            self._on_commit(err, offsets)
+            return False
+        failed = [tp for tp in result or [] if tp.error is not None]
+        self._on_commit(failed[0].error if failed else None, result or offsets)
+        return not failed
 
     def _commit_now(self) -> bool:
         """Flush and commit synchronously (revocation, close): nothing acknowledged is lost."""

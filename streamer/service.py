@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -25,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from streamer.artifact import Artifact
 from streamer.edge import Edge, make_edge
+from streamer.encode import encode_predictions
 from streamer.engine import Engine
 from streamer.errors import ConfigError
 from streamer.events import DecodedBatch, Message, decode_batch
@@ -176,16 +176,11 @@ class Service:
     def _emit(self, batch: Sequence[Message], decoded: DecodedBatch, preds: np.ndarray) -> None:
         assert self.edge is not None
         topic, version, emitted_at = self.settings.output_topic, self.version, time.time()
-        send, dumps = self.edge.send, json.dumps
+        send = self.edge.send
         t = self.stages.start()
-        values = []
-        for j, (i, key) in enumerate(zip(decoded.index, decoded.keys, strict=True)):
-            msg = batch[i]
-            values.append(dumps({
-                "key": key, "ts": decoded.ts_raw[j], "partition": msg.partition,
-                "offset": msg.offset, "prediction": preds[j].tolist(),
-                "model_version": version, "emitted_at": emitted_at,
-            }, separators=(",", ":")).encode())
+        values = encode_predictions(
+            decoded.keys, decoded.ts_raw, [batch[i].partition for i in decoded.index],
+            [batch[i].offset for i in decoded.index], preds, version, emitted_at)
         t = self.stages.lap("encode", t)
         for key, value in zip(decoded.keys, values, strict=True):
             send(topic, key.encode(), value)

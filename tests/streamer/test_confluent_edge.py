@@ -48,16 +48,16 @@ def test_members_join_and_leave_mid_stream_one_prediction_per_offset(
             time.sleep(0.02)
 
     with running_service(settings) as first:
-        _wait(lambda: first._assigned == {0, 1, 2, 3}, 30)
+        _wait(lambda: first._assigned == {0, 1, 2, 3}, 90)
         feed(0, 1000)
         with running_service(settings) as second:  # joins: partitions move while events flow
             feeder = threading.Thread(target=feed, args=(1000, 2000))
             feeder.start()
-            _wait(lambda: second._assigned and first._assigned, 30)
+            _wait(lambda: second._assigned and first._assigned, 90)
             assert first._assigned.isdisjoint(second._assigned)
             feeder.join()
         # the second member left: the first gets everything back
-        _wait(lambda: first._assigned == {0, 1, 2, 3}, 30)
+        _wait(lambda: first._assigned == {0, 1, 2, 3}, 90)
         feed(2000, n)
         outputs = json_values(read_topic(topics.bootstrap, topics.output, expect=n,
                                          timeout_s=60, settle_s=1.0))
