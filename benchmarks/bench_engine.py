@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/bench_engine.py [--device cpu|cuda] [--keys 10000]
 
-Prints medians over repeated runs. On CUDA it also counts host<->device copies in one
+Prints step p50/p99 and key-steps/s at batch 1..8192 (medians over repeated runs otherwise);
+on CUDA it also checks GPU predictions against CPU predictions (1e-5) and exits non-zero
+when they differ. On CUDA it also counts host<->device copies in one
 ``Engine.process`` call with the profiler (the design keeps it to one in, one out).
 """
 
@@ -46,6 +48,34 @@ def timed(fn, device: torch.device, repeats: int) -> float:  # type: ignore[no-u
     return statistics.median(runs[1:])
 
 
+def step_times(fn, device: torch.device, repeats: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Seconds per call, each synchronized, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        runs.append(time.perf_counter() - t0)
+    return np.asarray(runs)
+
+
+def gpu_vs_cpu(keys: int, window: int, device: torch.device) -> float:
+    """Largest difference between predictions of the same batches on ``device`` and on CPU."""
+    gpu, cpu = build(device, keys, window), build(torch.device("cpu"), keys, window)
+    rng, names, worst = np.random.default_rng(5), [f"k{i}" for i in range(keys)], 0.0
+    for _ in range(20):
+        batch = batch_of(rng, names, 4096)
+        a, _ = gpu.process(*batch, 0.0)
+        b, _ = cpu.process(*batch, 0.0)
+        worst = max(worst, float(np.abs(a - b).max()))
+    if worst > 1e-5:
+        raise SystemExit(f"GPU results differ from CPU results by {worst:.2e} > 1e-5")
+    return worst
+
+
 def batch_of(rng: np.random.Generator, names: list[str], n: int):  # type: ignore[no-untyped-def]
     keys = [names[i] for i in rng.integers(0, len(names), size=n)]
     return keys, [0] * n, rng.normal(size=(n, F)), np.arange(n, dtype=np.float64)
@@ -64,10 +94,15 @@ def main() -> None:
     print(f"device={device} F={F} H={H} L={L} keys={args.keys} W={args.window} "
           f"torch threads={torch.get_num_threads()}")
     print(f"state bytes per key: {engine.store.bytes_per_key}")
-    for n in (1, 64, 512, 2048, 8192):
+    for n in (1, 8, 64, 512, 2048, 4096, 8192):
         batch = batch_of(rng, names, n)
-        s = timed(lambda b=batch: engine.process(*b, 0.0), device, 12)
-        print(f"batch {n:>5}: {s * 1e3:8.3f} ms/step  {n / s:>12,.0f} events/s")
+        steps = step_times(lambda b=batch: engine.process(*b, 0.0), device, 60 if n < 4096 else 25)
+        p50, p99 = np.percentile(steps, [50, 99])
+        print(f"batch {n:>5}: step p50 {p50 * 1e3:8.3f} ms  p99 {p99 * 1e3:8.3f} ms  "
+              f"{n / p50:>12,.0f} key-steps/s")
+    if device.type == "cuda":
+        print(f"GPU vs CPU, 20 steps of 4,096 events: max |difference| "
+              f"{gpu_vs_cpu(args.keys, args.window, device):.2e} (must be <= 1e-5)")
     # Fill every key's window, then time a re-warming swap over all live keys.
     for _ in range(0, args.keys * args.window, 8192):
         engine.process(*batch_of(rng, names, 8192), 0.0)

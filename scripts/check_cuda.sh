@@ -8,4 +8,8 @@ PY=${PY:-.venv/bin/python}
 "$PY" -c "import torch, sys; ok = torch.cuda.is_available(); print('cuda:', ok, torch.__version__, torch.cuda.get_device_name(0) if ok else ''); sys.exit(0 if ok else 1)"
 # Step == full forward, padded == per-row, engine == per-event reference, re-warm == replay.
 STREAMER_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/streamer/test_model.py tests/streamer/test_engine.py
+# Step p50/p99 and key-steps/s at batch 1..8192; exits non-zero when GPU and CPU differ > 1e-5.
 "$PY" benchmarks/bench_engine.py --device cuda --keys 10000
+STREAMER_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/streamer/test_copies.py
+# The whole service on the GPU against the relay (confluent client, one run).
+"$PY" -m streamer.cli bench --device cuda --client confluent --repeats 1

@@ -165,6 +165,8 @@ class ConfluentEdge:
             "enable.idempotence": True,  # in order across retries, several requests in flight
             "linger.ms": 1,
             "partitioner": "murmur2_random",  # the Java/kafka-python default: same partitions
+            "on_delivery": self._delivered,
+            "delivery.report.only.error": True,  # no Python call per acknowledged record
             "error_cb": self._on_error,
         }
         compression = getattr(settings, "output_compression", None)
@@ -334,19 +336,26 @@ class ConfluentEdge:
 
     def send(self, topic: str, key: bytes | None, value: bytes | None,
              headers: list[tuple[str, bytes]] | None = None, origin: object = None) -> None:
+        try:
+            self.producer.produce(topic, value, key, headers=headers)  # type: ignore[arg-type]
+        except BufferError:  # the local queue is full: serve acks until there is room
+            self._produce_when_room(topic, key, value, headers)
+        except KafkaException as exc:
+            _raise(f"produce to {topic} failed", exc.args[0])
+        self._sent += 1
+
+    def _produce_when_room(self, topic: str, key: bytes | None, value: bytes | None,
+                           headers: list[tuple[str, bytes]] | None) -> None:
         deadline = self._deadline(getattr(self.settings, "flush_timeout_s", 30.0))
         while True:
+            self.producer.poll(0.01)
             try:
-                self.producer.produce(topic, value, key, headers=headers,  # type: ignore[arg-type]
-                                      on_delivery=self._delivered)
-                self._sent += 1
+                self.producer.produce(topic, value, key, headers=headers)  # type: ignore[arg-type]
                 return
-            except BufferError:  # the local queue is full: serve acks, then try again
+            except BufferError:
                 if time.monotonic() >= deadline:
                     raise KafkaUnavailable(f"produce to {topic}: local queue full") from None
-                self.producer.poll(0.01)
-            except KafkaException as exc:
-                _raise(f"produce to {topic} failed", exc.args[0])
+                self.beat()
 
     def flush_and_commit(self, batch: Sequence[Message]) -> bool:
         """Wait for the acks of everything sent for ``batch``, then commit its offsets

@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from streamer.copies import HostStaging
 from streamer.features import compute_features
 from streamer.model import LSTMModel
 from streamer.state import StateStore
@@ -35,6 +36,7 @@ class Engine:
         self.model = model.eval()
         self.store = store
         self.spec = model.spec
+        self._staging = HostStaging(store.device)
 
     @torch.inference_mode()
     def process(
@@ -56,9 +58,9 @@ class Engine:
         parts = [raw.reshape(-1), ts, plan.pos, row_slots, plan.lengths,
                  row_slots[is_new[plan.rows]], plan.window_pos]
         buf = np.concatenate(parts).astype(np.float64, copy=False)
-        dev = torch.from_numpy(buf).to(self.store.device, non_blocking=True)  # the one copy in
+        dev = self._staging.to_device(buf)  # the one copy in
         y = self._run(torch.split(dev, [len(p) for p in parts]), plan)
-        return y.cpu().numpy(), evicted  # the one copy out
+        return self._staging.to_host(y), evicted  # the one copy out
 
     def _run(self, buf: Sequence[torch.Tensor], plan: _Plan) -> torch.Tensor:
         store, r = self.store, self.spec.raw_width

@@ -9,13 +9,15 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 
 from streamer.confluent_edge import librdkafka_config
 from streamer.errors import ConfigError
 
-from ..kafka_helpers import Topics, json_values, produce, read_topic
+from ..kafka_helpers import Topics, json_values, read_topic
 from .service_helpers import running_service, settings_for
 
 
@@ -39,12 +41,17 @@ def test_members_join_and_leave_mid_stream_one_prediction_per_offset(
     settings = settings_for(topics, artifact_dir, kafka_client="confluent",
                             group_id=f"coop-{topics.input}", max_batch_events=64)
     n, coords = 3000, []
-    feeding = threading.Event()
+    producer = Producer({"bootstrap.servers": topics.bootstrap, "linger.ms": 2})
+
+    def delivered(err: object, msg: Any) -> None:
+        assert err is None, err
+        coords.append((msg.partition(), msg.offset()))
 
     def feed(lo: int, hi: int) -> None:
         for start in range(lo, hi, 100):
-            coords.extend(produce(topics.bootstrap, topics.input, _records(start, start + 100)))
-            feeding.set()
+            for key, value in _records(start, start + 100):
+                producer.produce(topics.input, value, key, on_delivery=delivered)
+            assert producer.flush(30) == 0
             time.sleep(0.02)
 
     with running_service(settings) as first:
