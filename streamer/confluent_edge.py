@@ -147,6 +147,7 @@ class ConfluentEdge:
             "fetch.wait.max.ms": settings.fetch_max_wait_ms,
             "partition.assignment.strategy": assignor,
             "isolation.level": getattr(settings, "isolation_level", "read_uncommitted"),
+            "session.timeout.ms": 10_000,  # kafka-python's default (librdkafka's is 45 s)
             "on_commit": self._on_commit,
             "error_cb": self._on_error,
         }
