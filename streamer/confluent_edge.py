@@ -29,6 +29,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -44,6 +45,10 @@ from streamer.settings import StreamerSettings
 log = logging.getLogger(__name__)
 
 PartitionCallback = Callable[[set[int]], None]
+Headers = list[tuple[str, bytes]]
+Record = tuple[str, bytes | None, bytes | None, Headers | None]  # topic, key, value, headers
+# (record, origin given to send(), error, final) -> a replacement to send, or None
+RefusedCallback = Callable[[Record, object, Exception, bool], Record | None]
 
 _IDLE_POLL_S = 0.1  # longest wait for a first record; the loop heartbeats in between
 _WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
@@ -56,6 +61,11 @@ FATAL_CODES = {
     KafkaError.UNSUPPORTED_VERSION, KafkaError.UNSUPPORTED_SASL_MECHANISM,
     KafkaError.INVALID_GROUP_ID, KafkaError.INVALID_SESSION_TIMEOUT, KafkaError.TOPIC_EXCEPTION,
     KafkaError.FENCED_INSTANCE_ID, KafkaError.MSG_SIZE_TOO_LARGE, KafkaError._FATAL,
+}
+# Refusals of the record itself (size, format, policy): sending it again cannot succeed.
+REFUSED_CODES = {
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD, KafkaError.POLICY_VIOLATION,
+    KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG, KafkaError.INVALID_MSG_SIZE,
 }
 # The group moved on: the pending offsets are no longer ours to commit.
 MEMBERSHIP_CODES = {
@@ -115,6 +125,7 @@ class ConfluentEdge:
         on_commit_failed: Callable[[str], None] | None = None,
         stop: threading.Event | None = None,
         beat: Callable[[], None] | None = None,
+        on_refused: RefusedCallback | None = None,
         **_: Any,
     ) -> None:
         self.settings = settings
@@ -126,6 +137,8 @@ class ConfluentEdge:
         self.on_commit_failed = on_commit_failed or (lambda reason: None)
         self.stop = stop or threading.Event()
         self.beat = beat or (lambda: None)
+        self.on_refused = on_refused
+        self._refused: list[tuple[Record, object, KafkaError, bool]] = []
         self.generation = 0  # bumped by every rebalance callback
         self._drain_deadline: float | None = None
         self._owned: set[int] = set()
@@ -332,26 +345,61 @@ class ConfluentEdge:
     # --- producing and committing ----------------------------------------------------------
 
     def _delivered(self, err: KafkaError | None, _msg: Any) -> None:
+        """Delivery report; called only for failures (``delivery.report.only.error``)."""
         if err is not None:
+            self._failures.append(err)
+
+    def _delivered_from(self, origin: object, final: bool, err: KafkaError | None,
+                        msg: Any) -> None:
+        """Delivery failure of a record whose origin ``on_refused`` must be told about."""
+        if err is None:
+            return
+        if err.code() in REFUSED_CODES:
+            record = (msg.topic(), msg.key(), msg.value(), msg.headers())
+            self._refused.append((record, origin, err, final))
+        else:
             self._failures.append(err)
 
     def send(self, topic: str, key: bytes | None, value: bytes | None,
              headers: list[tuple[str, bytes]] | None = None, origin: object = None) -> None:
+        """Buffer one record; ``origin`` (e.g. the input message) is handed to ``on_refused``
+        if the producer or the broker refuses this record for what it is (size, format)."""
+        self._produce(topic, key, value, headers, origin, final=False)
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None,
+                 headers: Headers | None, origin: object, final: bool) -> None:
+        kwargs: dict[str, Any] = {}
+        if self.on_refused is not None:
+            kwargs["on_delivery"] = functools.partial(self._delivered_from, origin, final)
         try:
-            self.producer.produce(topic, value, key, headers=headers)  # type: ignore[arg-type]
+            self.producer.produce(topic, value, key, headers=headers,  # type: ignore[arg-type]
+                                  **kwargs)
         except BufferError:  # the local queue is full: serve acks until there is room
-            self._produce_when_room(topic, key, value, headers)
+            self._produce_when_room(topic, key, value, headers, kwargs)
         except KafkaException as exc:
-            _raise(f"produce to {topic} failed", exc.args[0])
+            err = exc.args[0]
+            if self.on_refused is None or err.code() not in REFUSED_CODES:
+                _raise(f"produce to {topic} failed", err)
+            self._refuse((topic, key, value, headers), origin, err, final)
+            return
         self._sent += 1
 
+    def _refuse(self, record: Record, origin: object, err: KafkaError, final: bool) -> None:
+        """Hand a refused record to ``on_refused`` and send its replacement (once)."""
+        assert self.on_refused is not None
+        replacement = self.on_refused(record, origin, KafkaException(err), final)
+        if replacement is not None and not final:
+            topic, key, value, headers = replacement
+            self._produce(topic, key, value, headers, origin, final=True)
+
     def _produce_when_room(self, topic: str, key: bytes | None, value: bytes | None,
-                           headers: list[tuple[str, bytes]] | None) -> None:
+                           headers: Headers | None, kwargs: dict[str, Any]) -> None:
         deadline = self._deadline(getattr(self.settings, "flush_timeout_s", 30.0))
         while True:
             self.producer.poll(0.01)
             try:
-                self.producer.produce(topic, value, key, headers=headers)  # type: ignore[arg-type]
+                self.producer.produce(topic, value, key, headers=headers,  # type: ignore[arg-type]
+                                      **kwargs)
                 return
             except BufferError:
                 if time.monotonic() >= deadline:
@@ -387,6 +435,12 @@ class ConfluentEdge:
             if time.monotonic() >= deadline:
                 raise KafkaUnavailable(f"{left} of {sent} records not acknowledged in time; "
                                        "offsets not committed, the batch will be re-delivered")
+        if self._refused:  # replacements (e.g. dead letters that fit) go out, then wait again
+            refused, self._refused = self._refused, []
+            for record, origin, err, final in refused:
+                self._refuse(record, origin, err, final)
+            self._sent += 1  # let the recursive flush wait even if every replacement was dropped
+            return self.flush()
         failures, self._failures = self._failures, []
         if failures:
             err = failures[0]
