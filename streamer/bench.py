@@ -188,8 +188,8 @@ class StreamerUnderTest:
         settings = StreamerSettings(
             bootstrap_servers=bootstrap, model=model, group_id=group, input_topic=source,
             output_topic=sink, device=cfg.device, metrics_address="127.0.0.1:0",
-            capacity=max(10_000, cfg.keys), fetch_max_wait_ms=cfg.fetch_max_wait_ms,
-            **{**extra, **dict(cfg.overrides)},
+            capacity=max(10_000, cfg.keys),
+            **{"fetch_max_wait_ms": cfg.fetch_max_wait_ms, **extra, **dict(cfg.overrides)},
         )
         self.service = Service.from_settings(settings)
         self.stop = threading.Event()
