@@ -206,6 +206,7 @@ class StreamerUnderTest:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(60)
+        self.service.edge = None  # its clients go now, not after the broker is gone
 
 
 # --- the phases ----------------------------------------------------------------------------
