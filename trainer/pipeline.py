@@ -175,7 +175,8 @@ def run_training(
     if report_dir is not None:
         write_report(report_dir, report_input(
             report, history, data, preds, version or "candidate (not published)", command,
-            data_range, metrics["candidates"], [f"gate: {'; '.join(decision.reasons)}"]))
+            data_range, [c.as_dict() for c in training.candidates],
+            [f"gate: {'; '.join(decision.reasons)}"]))
     return result
 
 
