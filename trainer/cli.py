@@ -160,6 +160,7 @@ def cmd_init(settings: TrainerSettings, args: argparse.Namespace, console: Conso
 
 
 def cmd_train(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
+    _writable(args.report)
     run_training(settings, args.input, force=args.force, out=args.out, console=console,
                  progress=_progress(args), report_dir=args.report, command=args.command_line)
     _said_report(args.report, console)
@@ -167,6 +168,7 @@ def cmd_train(settings: TrainerSettings, args: argparse.Namespace, console: Cons
 
 
 def cmd_evaluate(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
+    _writable(args.report)
     report = evaluate_version(settings, args.input, version=args.version, model_dir=args.model,
                               report_dir=args.report, command=args.command_line)
     render(report, console, max_keys=args.keys)
@@ -174,6 +176,15 @@ def cmd_evaluate(settings: TrainerSettings, args: argparse.Namespace, console: C
         args.json.write_text(json.dumps(report, indent=2))
     _said_report(args.report, console)
     return 0
+
+
+def _writable(directory: Path | None) -> None:
+    """Fail before the work, not after it: the report directory must be creatable."""
+    try:
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("report", f"cannot create {directory}: {exc}") from exc
 
 
 def _said_report(directory: Path | None, console: Console) -> None:

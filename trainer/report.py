@@ -32,6 +32,8 @@ import numpy as np
 from matplotlib.dates import ConciseDateFormatter
 from matplotlib.figure import Figure
 
+from streamer.errors import ConfigError
+
 DPI = 100
 _WIDE = (10.0, 4.5)  # inches; at DPI: 1000 x 450 pixels
 _HALF = (10.0, 3.6)
@@ -78,7 +80,16 @@ class WrittenReport:
 
 
 def write_report(directory: Path, inp: ReportInput) -> WrittenReport:
-    """Write ``directory/index.html`` and its PNGs (the directory is created if needed)."""
+    """Write ``directory/index.html`` and its PNGs (the directory is created if needed).
+
+    Raises ConfigError("report") when the directory cannot be written."""
+    try:
+        return _write(directory, inp)
+    except OSError as exc:
+        raise ConfigError("report", f"cannot write the report to {directory}: {exc}") from exc
+
+
+def _write(directory: Path, inp: ReportInput) -> WrittenReport:
     directory.mkdir(parents=True, exist_ok=True)
     sections: list[str] = []
     figures: dict[str, tuple[int, int]] = {}

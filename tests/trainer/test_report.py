@@ -17,6 +17,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from streamer.errors import ConfigError
 from streamer.registry import Registry
 from trainer.cli import main
 from trainer.report import ReportInput, SeriesInput, select_keys, write_report
@@ -192,3 +193,18 @@ def test_many_keys_draw_the_worst_and_the_best(tmp_path: Path) -> None:
     assert {f"series_{i}.png" for i in range(4)} <= set(written.figures)
     assert "error_by_hour.png" in written.figures  # 50 hours span two days
     assert "error_by_weekday.png" not in written.figures  # but not two weeks
+
+
+def test_unwritable_report_dir_fails_before_training(
+    tmp_path: Path, temps: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert main(["train", "--input", str(temps), "--registry", str(tmp_path / "models"),
+                 *SMALL, "--report", str(blocker / "report")]) == 2
+    assert "'report'" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()  # nothing trained, nothing published
+    with pytest.raises(ConfigError, match="report"):
+        write_report(blocker / "r", ReportInput(
+            title="t", model_version="v", command="c", data_range={}, target="y", series={},
+            overall={}, per_key={}))
