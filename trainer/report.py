@@ -26,13 +26,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.dates import ConciseDateFormatter
-from matplotlib.figure import Figure
 
 from streamer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 100
 _WIDE = (10.0, 4.5)  # inches; at DPI: 1000 x 450 pixels
@@ -152,12 +153,20 @@ def select_keys(inp: ReportInput) -> list[tuple[str, str]]:
 # --- figures --------------------------------------------------------------------------------
 
 
+def _figure(size: tuple[float, float]) -> Figure:
+    # Imported here: matplotlib takes ~0.5 s to import and only a report needs it (the demo's
+    # and the scheduler's retraining runs import this module through the pipeline).
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, layout="constrained")
+
+
 def _times(ts: np.ndarray) -> np.ndarray:
     return (np.asarray(ts, dtype=np.float64) * 1000.0).astype("int64").astype("datetime64[ms]")
 
 
 def _series_figure(key: str, s: SeriesInput, inp: ReportInput) -> Figure:
-    fig = Figure(figsize=_WIDE, layout="constrained")
+    fig = _figure(_WIDE)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     t = _times(s.ts)
     top.plot(t, s.actual, color="black", lw=1.2, label="actual")
@@ -173,6 +182,8 @@ def _series_figure(key: str, s: SeriesInput, inp: ReportInput) -> Figure:
         bottom.plot(t, s.baselines["persistence"] - s.actual, color="tab:gray", lw=0.7)
     bottom.plot(t, s.predicted - s.actual, color="tab:blue", lw=0.8)
     bottom.set_ylabel("error")
+    from matplotlib.dates import ConciseDateFormatter
+
     bottom.xaxis.set_major_formatter(ConciseDateFormatter(bottom.xaxis.get_major_locator()))
     return fig
 
@@ -192,7 +203,7 @@ def _errors(inp: ReportInput) -> dict[str, np.ndarray]:
 
 def _errors_figure(inp: ReportInput) -> Figure:
     errors = _errors(inp)
-    fig = Figure(figsize=_WIDE, layout="constrained")
+    fig = _figure(_WIDE)
     hist, box = fig.subplots(1, 2, width_ratios=(3, 2))
     pooled = np.concatenate(list(errors.values()))
     pooled = pooled[np.isfinite(pooled)]
@@ -231,7 +242,7 @@ def _cycle_figure(inp: ReportInput, cycle: str) -> Figure:
     buckets = 24 if cycle == "hour" else 7
     ts = np.concatenate([inp.series[k].ts for k in sorted(inp.series)])
     where = _cycle_of(ts, cycle)
-    fig = Figure(figsize=_HALF, layout="constrained")
+    fig = _figure(_HALF)
     mae_ax, bias_ax = fig.subplots(1, 2)
     for name, err in _errors(inp).items():
         count = np.bincount(where, minlength=buckets)
@@ -264,7 +275,7 @@ def candidate_label(c: Mapping[str, Any]) -> str:
 
 def _candidates_figure(inp: ReportInput) -> Figure:
     cands = inp.candidates
-    fig = Figure(figsize=(10.0, max(2.0, 0.5 + 0.35 * len(cands))), layout="constrained")
+    fig = _figure((10.0, max(2.0, 0.5 + 0.35 * len(cands))))
     ax = fig.subplots()
     scores = [float(c[inp.candidate_score]) if _finite(c.get(inp.candidate_score)) else math.nan
               for c in cands]
@@ -277,7 +288,7 @@ def _candidates_figure(inp: ReportInput) -> Figure:
 
 
 def _curves_figure(curves: Mapping[str, Sequence[float | None]]) -> Figure:
-    fig = Figure(figsize=_HALF, layout="constrained")
+    fig = _figure(_HALF)
     ax = fig.subplots()
     for name, values in curves.items():
         y = np.array([v if _finite(v) else np.nan for v in values], dtype=np.float64)
