@@ -106,6 +106,9 @@ def _write(directory: Path, inp: ReportInput) -> WrittenReport:
     for i, (key, why) in enumerate(select_keys(inp)):
         save(_series_figure(key, inp.series[key], inp), f"series_{i}.png",
              f"{key}: actual, {inp.model_name} and persistence over the evaluation window{why}")
+    if not inp.series:
+        sections.append("<p class='note'>no per-event values to draw (classification model, "
+                        "or no evaluation pair): metrics only</p>")
     if inp.series:
         save(_errors_figure(inp), "errors.png", "error distribution, model vs rivals")
         for cycle in ("hour", "weekday"):
