@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _progress_arg(p)
     p.add_argument("--force", action="store_true", help="publish even if the gate refuses")
     p.add_argument("--out", type=Path, help="write the model here instead of the registry")
+    p.add_argument("--report", type=Path, metavar="DIR", help="write an HTML report with plots")
 
     p = sub.add_parser("evaluate", help="score a version against current and baselines")
     add_settings_arguments(p, TrainerSettings, exclude=_NOT_TRAINING)
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="artifact directory to score instead")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.add_argument("--keys", type=int, default=10, help="per-key rows to print")
+    p.add_argument("--report", type=Path, metavar="DIR", help="write an HTML report with plots")
 
     for name, text in (("list", "list versions"), ("rollback", "back to the previous version")):
         p = sub.add_parser(name, help=text)
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["trainer", *(sys.argv[1:] if argv is None else argv)])
 
     def run() -> int:
         settings = settings_from_args(TrainerSettings, args)
@@ -151,17 +155,36 @@ def cmd_init(settings: TrainerSettings, args: argparse.Namespace, console: Conso
 
 
 def cmd_train(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
+    _writable(args.report)
     run_training(settings, args.input, force=args.force, out=args.out, console=console,
-                 progress=_progress(args))
+                 progress=_progress(args), report_dir=args.report, command=args.command_line)
+    _said_report(args.report, console)
     return 0
 
 
 def cmd_evaluate(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
-    report = evaluate_version(settings, args.input, version=args.version, model_dir=args.model)
+    _writable(args.report)
+    report = evaluate_version(settings, args.input, version=args.version, model_dir=args.model,
+                              report_dir=args.report, command=args.command_line)
     render(report, console, max_keys=args.keys)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
+    _said_report(args.report, console)
     return 0
+
+
+def _writable(directory: Path | None) -> None:
+    """Fail before the work, not after it: the report directory must be creatable."""
+    try:
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("report", f"cannot create {directory}: {exc}") from exc
+
+
+def _said_report(directory: Path | None, console: Console) -> None:
+    if directory is not None:
+        console.print(f"wrote the report to {directory / 'index.html'}")
 
 
 def cmd_list(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:

@@ -175,8 +175,11 @@ def evaluate(
     flat_band: float = 0.0,
     ar_order: int = 5,
     ma_window: int = 8,
+    predictions: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Score models and baselines on the validation pairs, overall and per key."""
+    """Score models and baselines on the validation pairs, overall and per key.
+
+    ``predictions``, if given, receives each regression predictor's [K, T] next values."""
     predictors: list[_Predictor] = []
     skipped: dict[str, str] = {}
     for name, model in models.items():
@@ -193,6 +196,8 @@ def evaluate(
             predictors.append(_from_values(name, pred[..., 0], data, task, flat_band))
     for name, values in baseline_predictions(data, ar_order, ma_window).items():
         predictors.append(_from_values(name, values, data, task, flat_band))
+    if predictions is not None:
+        predictions.update({p.name: p.values for p in predictors if p.values is not None})
     truth = (data.labels(flat_band), data.next, data.moves)
     overall = {p.name: _score(p, truth, data.val) for p in predictors}
     per_key = {

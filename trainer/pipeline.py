@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -29,6 +30,7 @@ from streamer.registry import Registry, new_version_name
 from trainer.data import History, decode_history, parse_offsets, parse_time, read_files, read_topic
 from trainer.data import resolve_spec as _resolve_spec
 from trainer.evaluate import GateDecision, evaluate, for_metadata, gate, render
+from trainer.report import ReportInput, SeriesInput, write_report
 from trainer.settings import TrainerSettings
 from trainer.train import (
     Candidate,
@@ -126,11 +128,14 @@ def run_training(
     out: Path | None = None,
     console: Console | None = None,
     progress: bool = False,
+    report_dir: Path | None = None,
+    command: str = "",
 ) -> RunResult:
     """Train on the history, compare with the current model and baselines, publish if better.
 
     With ``out`` the chosen model is written there as a plain artifact (no gate, no
     registry change); otherwise it is published as the current version if the gate passes.
+    With ``report_dir`` the candidate's HTML report is written there (``command`` in it).
     """
     registry = Registry(settings.registry, settings.model_name)
     current = _current(registry)
@@ -139,9 +144,11 @@ def run_training(
     options = _inherit(options_from(settings), settings, current)
     training = train_model(data, options, resolve_device(settings.device), progress, console)
     production = current.model if current else None
+    preds: dict[str, Any] = {}
     report = evaluate(
         data, {"candidate": training.model, "production": production}, task=options.task,
         flat_band=options.flat_band, ar_order=settings.ar_order, ma_window=settings.ma_window,
+        predictions=preds,
     )
     problems = _shape_problems(training, current)
     decision = gate(report, force=force, has_production=current is not None,
@@ -165,6 +172,11 @@ def run_training(
                        current.metadata.version if current else None, data_range)
     if console is not None:
         print_run(result, console, registry if out is None else None, out)
+    if report_dir is not None:
+        write_report(report_dir, report_input(
+            report, history, data, preds, version or "candidate (not published)", command,
+            data_range, [c.as_dict() for c in training.candidates],
+            [f"gate: {'; '.join(decision.reasons)}"]))
     return result
 
 
@@ -205,9 +217,12 @@ def evaluate_version(
     *,
     version: str | None = None,
     model_dir: Path | None = None,
+    report_dir: Path | None = None,
+    command: str = "",
 ) -> dict[str, Any]:
     """Score a registry version (default: current) or an artifact dir against the current
-    model and the baselines on the validation window of the given history."""
+    model and the baselines on the validation window of the given history; with
+    ``report_dir``, also write the HTML report there."""
     registry = Registry(settings.registry, settings.model_name)
     art = load_artifact(model_dir) if model_dir is not None else registry.load(version)
     current = _current(registry)
@@ -215,11 +230,17 @@ def evaluate_version(
     history = load_history(settings, files, art.model.spec)
     data = build_dataset(history, settings.val_fraction)
     cfg = art.model.config
-    return evaluate(
+    preds: dict[str, Any] = {}
+    report = evaluate(
         data, {"candidate": art.model, "production": None if same else _model(current)},
         task=cfg.task, flat_band=cfg.flat_band, ar_order=settings.ar_order,
-        ma_window=settings.ma_window,
+        ma_window=settings.ma_window, predictions=preds,
     )
+    if report_dir is not None:
+        write_report(report_dir, report_input(
+            report, history, data, preds, art.metadata.version, command,
+            {**history.data_range(), **data.split}, art.metadata.metrics.get("candidates", [])))
+    return report
 
 
 def _model(art: Artifact | None) -> Any:
@@ -253,3 +274,54 @@ def print_run(
         console.print(f"wrote {result.version} to {out}")
     elif result.version is not None and registry is not None:
         console.print(f"published {result.version} as current of {registry}")
+
+
+# --- the HTML report ------------------------------------------------------------------------
+
+
+def report_input(
+    report: Mapping[str, Any],
+    history: History,
+    data: Dataset,
+    predictions: Mapping[str, np.ndarray],
+    version: str,
+    command: str,
+    data_range: Mapping[str, Any],
+    candidates: Sequence[Mapping[str, Any]],
+    notes: Sequence[str] = (),
+) -> ReportInput:
+    """The adapter from an evaluation (``evaluate``'s report and ``predictions``) to the
+    report's plain input: each key's validation pairs as (time of the predicted event,
+    actual, predicted, baselines). Adds MASE where the evaluation has none: MAE over the
+    in-sample MAE of persistence on the training pairs (Hyndman & Koehler 2006), per key and
+    pooled over keys."""
+    series: dict[str, SeriesInput] = {}
+    naive = np.abs(data.next - data.last)
+    for i, key in enumerate(data.keys):
+        mask, ts = data.val[i], history.series[key].ts
+        if "candidate" not in predictions or not mask.any():
+            continue
+        step_ts = np.zeros(mask.shape)
+        step_ts[: len(ts) - 1] = ts[1:]  # step t predicts event t+1
+        series[key] = SeriesInput(
+            step_ts[mask], data.next[i][mask], predictions["candidate"][i][mask],
+            {n: p[i][mask] for n, p in predictions.items() if n != "candidate"})
+    per_key = {k: {n: dict(m) for n, m in rows.items()} for k, rows in report["per_key"].items()}
+    overall = {n: dict(m) for n, m in report["overall"].items()}
+    scales = [(overall, naive[data.train])] + [
+        (per_key[k], naive[i][data.train[i]]) for i, k in enumerate(data.keys) if k in per_key]
+    for rows, diffs in scales:
+        scale = float(diffs.mean()) if diffs.size else 0.0
+        for m in rows.values():
+            if m.get("mae") is not None:
+                m.setdefault("mase", m["mae"] / scale if scale > 0 else None)
+    chosen = next((c for c in candidates if c.get("chosen")), None)
+    skipped = [f"{n} not scored: {why}" for n, why in report.get("skipped", {}).items()]
+    return ReportInput(
+        title=f"{data.spec.kind} forecast of {report['target']}: {version}",
+        model_version=version, command=command, data_range=data_range,
+        target=report["target"], series=series, overall=overall, per_key=per_key,
+        candidates=[{k: v for k, v in c.items() if k != "curve"} for c in candidates],
+        learning_curves=chosen.get("curve") if chosen else None,
+        notes=[*notes, *skipped],
+    )

@@ -223,13 +223,14 @@ class Candidate:
     best_epoch: int
     seconds: float
     chosen: bool = False
+    curve: dict[str, list[float]] = field(default_factory=dict)  # loss per epoch, train/val
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "layers": self.layers, "hidden": self.hidden, "params": self.params,
             "val_loss": self.val_loss, **self.score, "epochs": self.epochs,
             "best_epoch": self.best_epoch, "seconds": round(self.seconds, 3),
-            "chosen": self.chosen,
+            "chosen": self.chosen, "curve": self.curve,
         }
 
 
@@ -249,11 +250,14 @@ def fit(
     tensors = _TrainTensors(data, config, device)
     best_loss, best_epoch, best_state, epochs_run = math.inf, 0, None, 0
     task = progress.add(config) if progress else None
+    curve: dict[str, list[float]] = {"train": [], "validation": []}
     for epoch in range(1, options.epochs + 1):
         train_loss = _train_epoch(model, opt, tensors, options, rng)
         pred = predict(model, data)
         loss = validation_loss(model, data, pred)
         epochs_run = epoch
+        curve["train"].append(train_loss)
+        curve["validation"].append(loss)
         if loss < best_loss and (best_state is None or best_loss - loss > 1e-6 * best_loss):
             best_loss, best_epoch = loss, epoch
             best_state = copy.deepcopy(model.state_dict())
@@ -271,7 +275,7 @@ def fit(
     score = validation_score(model, data, predict(model, data))
     params = sum(p.numel() for p in model.parameters())
     cand = Candidate(config.num_layers, config.hidden_size, params, best_loss, score,
-                     epochs_run, best_epoch, time.monotonic() - started)
+                     epochs_run, best_epoch, time.monotonic() - started, curve=curve)
     return model, cand
 
 
