@@ -24,6 +24,8 @@ class _Edge:
 
     def __init__(self, service: Service) -> None:
         self.commits = 0
+        self.generation = 0
+        self.rebalancing = False
         self.forgotten: set[int] = set()
         self.on_revoke = service._on_revoke
         self.on_assign = service._on_assign
