@@ -33,11 +33,26 @@ from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from kafka.errors import (
+    AuthorizationError,
     CommitFailedError,
+    FencedInstanceIdError,
+    IllegalArgumentError,
     IllegalGenerationError,
+    IncompatibleBrokerVersion,
+    InvalidConfigurationError,
+    InvalidGroupIdError,
+    InvalidSessionTimeoutError,
+    InvalidTopicError,
+    KafkaConfigurationError,
     KafkaError,
+    MessageSizeTooLargeError,
     RebalanceInProgressError,
+    RecordListTooLargeError,
+    SaslAuthenticationFailedError,
     UnknownMemberIdError,
+    UnsupportedCodecError,
+    UnsupportedSaslMechanismError,
+    UnsupportedVersionError,
 )
 from kafka.partitioner.default import DefaultPartitioner
 from kafka.producer.future import FutureRecordMetadata
@@ -63,11 +78,21 @@ _MEMBERSHIP_ERRORS = (
 _WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
 
 
+# Errors retrying cannot fix: the settings, the credentials or the data must change first.
+FATAL_ERRORS: tuple[type[KafkaError], ...] = (
+    AuthorizationError, SaslAuthenticationFailedError, UnsupportedSaslMechanismError,
+    KafkaConfigurationError, InvalidConfigurationError, IllegalArgumentError,
+    IncompatibleBrokerVersion, UnsupportedVersionError, UnsupportedCodecError,
+    InvalidGroupIdError, InvalidSessionTimeoutError, InvalidTopicError, FencedInstanceIdError,
+    MessageSizeTooLargeError, RecordListTooLargeError,
+)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Whether retrying later can succeed: timeouts, lost connections, coordinator moves and
-    rebalances. kafka-python marks most of these ``retriable``; membership errors it does not,
-    though polling again rejoins the group."""
-    return isinstance(exc, _MEMBERSHIP_ERRORS) or bool(getattr(exc, "retriable", False))
+    """Whether retrying later can succeed. Every Kafka error counts as transient (outages,
+    timeouts, coordinator moves, rebalances, a group protocol round the coordinator refused)
+    except those in FATAL_ERRORS, which name a setting, a credential or a record to fix."""
+    return isinstance(exc, KafkaError) and not isinstance(exc, FATAL_ERRORS)
 
 
 def _wrap(what: str, exc: KafkaError) -> KafkaEdgeError:
