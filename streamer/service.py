@@ -75,6 +75,7 @@ class Service:
         self.edge: KafkaEdge | None = None
         self._assigned: set[int] = set()
         self._fault = ""  # why Kafka cannot be used right now; "" when it can
+        self._commit_problem = ""  # why the last offset commit failed; "" after a success
         self._next_housekeeping = 0.0
         self._next_lag = 0.0
 
@@ -107,7 +108,8 @@ class Service:
         self.metrics.offsets_skipped(self.settings.input_topic, partition, skipped)
 
     def _update_ready(self) -> None:
-        reason = self._fault or ("" if self._assigned else "no partitions assigned")
+        reason = (self._fault or self._commit_problem
+                  or ("" if self._assigned else "no partitions assigned"))
         self.health.set_ready(not reason, reason)
         self.metrics.set_ready(not reason)
 
@@ -121,6 +123,15 @@ class Service:
 
     def _on_commit_failed(self, reason: str) -> None:
         self.metrics.commit_failed(reason)
+        if reason == "timeout":  # a rejection by a rebalance is followed by a rejoin
+            self._commit_problem = "offset commits are timing out"
+            self._update_ready()
+
+    def _committed(self) -> None:
+        self.metrics.committed()
+        if self._commit_problem:
+            self._commit_problem = ""
+            self._update_ready()
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -214,7 +225,7 @@ class Service:
                 self.metrics.evicted("capacity", evicted)
             self._emit(batch, decoded, preds)
         if self.edge.flush_and_commit(batch):
-            self.metrics.committed()
+            self._committed()
         acked = time.time()
         self.metrics.observe_batch(len(batch), step_s)
         self.metrics.set_keys_resident(len(self.store))
