@@ -166,6 +166,7 @@ class KafkaEdge:
         self.generation = 0  # bumped by every rebalance callback
         self.rebalancing = False  # partitions revoked, new assignment not yet known
         self._drain_deadline: float | None = None
+        self._unacked = False  # a flush gave up with records still unacknowledged
         security = settings.kafka_security_kwargs()
         self.consumer = consumer or KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers.split(","),
@@ -253,9 +254,9 @@ class KafkaEdge:
         dropped = len(before) - len(kept)
         if dropped:
             self.on_dropped(dropped)
-            log.warning("rebalance during a batch: dropped %d records of partitions no longer "
-                        "assigned; their new owner reads them from the committed offset",
-                        dropped)
+            log.warning("rebalance during a batch: dropped %d records of partitions not "
+                        "assigned to this member (now or yet); whoever owns them next reads "
+                        "them from the committed offset", dropped)
         resume: dict[int, int] = {}
         for tp, msgs in after.items():
             if msgs and tp.partition in owned:
@@ -408,10 +409,12 @@ class KafkaEdge:
             slice_s = min(deadline - time.monotonic(), _WAIT_SLICE_S)
             try:
                 self.producer.flush(timeout=max(slice_s, 0.001))
+                self._unacked = False  # flush() covers everything sent so far
                 break
             except KafkaError as exc:  # KafkaTimeoutError: not all acked within this slice
                 self.beat()
                 if time.monotonic() >= deadline:
+                    self._unacked = True
                     pending = sum(1 for f in futures if not f.is_done)
                     raise KafkaUnavailable(
                         f"{pending} of {len(futures)} records not acknowledged in time "
@@ -499,6 +502,13 @@ class KafkaEdge:
         try:
             try:
                 self.flush()
+                if self._unacked:  # records of an earlier, abandoned flush
+                    self.producer.flush(timeout=max(deadline - time.monotonic(), 0.001))
+                    self._unacked = False
+            except KafkaError as exc:
+                clean = False
+                log.error("drain: records still unacknowledged: %s: %s", type(exc).__name__,
+                          exc)
             except KafkaEdgeError as exc:
                 clean = False
                 log.error("drain: %s", exc)
@@ -506,8 +516,20 @@ class KafkaEdge:
                 clean = False
         finally:
             try:
-                self.producer.close(timeout=max(deadline - time.monotonic(), 0.1))
+                self._close_producer(max(deadline - time.monotonic(), 0.1))
             finally:
                 self.consumer.close(autocommit=False,
                                     timeout_ms=int(max(deadline - time.monotonic(), 0.1) * 1e3))
         return clean
+
+    def _close_producer(self, timeout_s: float) -> None:
+        try:
+            self.producer.close(timeout=timeout_s)
+        except KafkaError as exc:
+            # kafka-python's close() flushes first and raises when records are still
+            # unacknowledged, leaving its sender thread running: stop that thread regardless.
+            log.error("closing the producer with records unacknowledged: %s", exc)
+            sender = getattr(self.producer, "_sender", None)
+            if sender is not None:
+                sender.force_close()
+            self.producer._closed = True  # its __del__ would try (and fail) again

@@ -275,7 +275,6 @@ def test_second_member_joining_mid_fill_on_a_real_group(artifact_dir: Path) -> N
     seen = Counter((o["partition"], o["offset"]) for o in outputs)
     assert inputs <= set(seen), f"missing {len(inputs - set(seen))} offsets"
     duplicates = sum(c - 1 for c in seen.values())
-    print("TWO-MEMBER", duplicates, rejected, dropped)
     assert duplicates <= rejected * 4096, (duplicates, rejected, dropped)
 
 
