@@ -72,6 +72,8 @@ class Service:
             self.metrics.registry, self.health, settings.metrics_host, settings.metrics_port
         )
         self.metrics.set_model_version(self.version)
+        if watcher is not None and watcher.start_refusals:
+            self.metrics.model_fallback()
         self.edge: KafkaEdge | None = None
         self._assigned: set[int] = set()
         self._fault = ""  # why Kafka cannot be used right now; "" when it can
