@@ -75,6 +75,7 @@ ASSIGNORS: dict[str, Any] = {
 _MEMBERSHIP_ERRORS = (
     CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError,
 )
+COORDINATOR_GRACE_S = 2.0  # finding the coordinator at start or after a move takes a moment
 _WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
 
 
@@ -167,6 +168,7 @@ class KafkaEdge:
         self.rebalancing = False  # partitions revoked, new assignment not yet known
         self._drain_deadline: float | None = None
         self._unacked = False  # a flush gave up with records still unacknowledged
+        self._coordinator_missing_since: float | None = None
         security = settings.kafka_security_kwargs()
         self.consumer = consumer or KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers.split(","),
@@ -244,7 +246,11 @@ class KafkaEdge:
                 batch.extend(Message(m.key, m.value, tp.partition, m.offset) for m in msgs)
             if remaining_ms == 0 or (not records and not batch):
                 break
-        if not batch and self._coordinator_unknown():
+        if batch or not self._coordinator_unknown():
+            self._coordinator_missing_since = None
+        elif self._coordinator_missing_since is None:
+            self._coordinator_missing_since = time.monotonic()
+        elif time.monotonic() - self._coordinator_missing_since > COORDINATOR_GRACE_S:
             raise KafkaUnavailable("the group coordinator is unavailable")
         return batch
 
