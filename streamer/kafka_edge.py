@@ -75,6 +75,9 @@ ASSIGNORS: dict[str, Any] = {
 _MEMBERSHIP_ERRORS = (
     CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError,
 )
+# kafka-python backs reconnects off up to 30 s; a broker back after an outage would then wait
+# that long for us. 1 s keeps recovery quick at one connection attempt per second per broker.
+RECONNECT_BACKOFF_MAX_MS = 1000
 COORDINATOR_GRACE_S = 2.0  # finding the coordinator at start or after a move takes a moment
 _WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
 
@@ -180,6 +183,7 @@ class KafkaEdge:
             max_poll_interval_ms=settings.max_poll_interval_ms,
             request_timeout_ms=settings.request_timeout_ms,
             isolation_level=settings.isolation_level,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             check_crcs=settings.check_crcs,
             enable_auto_commit=False,
             auto_offset_reset=settings.auto_offset_reset,
@@ -196,6 +200,7 @@ class KafkaEdge:
             # One request in flight keeps a key's predictions in order across retries.
             max_in_flight_requests_per_connection=1,
             request_timeout_ms=settings.request_timeout_ms,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             client_id=f"streamer-{settings.group_id}-out",
             **security,
         )
