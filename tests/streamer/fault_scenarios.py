@@ -72,7 +72,7 @@ class Report:
 
 def _commit_errors(*errors: str) -> Fault:
     return Fault(lambda s: s.broker.push_request_errors("OffsetCommit", list(errors)),
-                 lambda s: s.broker.clear_request_errors("OffsetCommit"), 3.0)
+                 lambda s: s.broker.clear_request_errors("OffsetCommit"), 2.0)
 
 
 def _add_member(s: Scenario) -> None:

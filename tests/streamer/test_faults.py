@@ -19,7 +19,7 @@ MAX_DUPLICATES = 3 * 512
 
 @pytest.mark.parametrize("name", sorted(FAULTS))
 def test_service_survives_fault(name: str, artifact_dir: Path) -> None:
-    report = run_fault(name, artifact_dir)
+    report = run_fault(name, artifact_dir, before_s=1.0, after_s=1.0)
     assert report.alive, report
     assert report.events_in > 0
     assert report.missing == 0, report
