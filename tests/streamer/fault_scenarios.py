@@ -86,6 +86,32 @@ def _members(s: Scenario) -> None:
     _add_member(s)
 
 
+REQUEST_ERRORS = {
+    "Produce": ["REQUEST_TIMED_OUT"] * 3,
+    "Fetch": ["NOT_LEADER_OR_FOLLOWER"] * 3,
+    "Heartbeat": ["REBALANCE_IN_PROGRESS"],  # the member must rejoin: JoinGroup, SyncGroup
+    "JoinGroup": ["COORDINATOR_NOT_AVAILABLE"] * 2,
+    "SyncGroup": ["REBALANCE_IN_PROGRESS"],
+}
+
+
+def _request_errors(s: Scenario) -> None:
+    for api, errors in REQUEST_ERRORS.items():
+        s.broker.push_request_errors(api, errors)
+
+
+def _clear_request_errors(s: Scenario) -> None:
+    for api in REQUEST_ERRORS:
+        s.broker.clear_request_errors(api)
+
+
+def _rtt(ms: int) -> Callable[[Scenario], None]:
+    def set_rtt(s: Scenario) -> None:
+        for broker_id in range(1, 4):
+            s.broker.set_rtt(ms, broker_id)
+    return set_rtt
+
+
 FAULTS: dict[str, Fault] = {
     "broker_down": Fault(lambda s: s.broker.set_broker_down(OTHER_BROKER),
                          lambda s: s.broker.set_broker_up(OTHER_BROKER), 10.0),
@@ -95,6 +121,8 @@ FAULTS: dict[str, Fault] = {
     "commit_illegal_generation": _commit_errors("ILLEGAL_GENERATION"),
     "commit_request_timed_out": _commit_errors(*["REQUEST_TIMED_OUT"] * 8),
     "members_join_and_leave": Fault(_members, lambda s: s.extra.close(), 6.0),
+    "request_errors": Fault(_request_errors, _clear_request_errors, 3.0),
+    "brokers_slow_500ms": Fault(_rtt(500), _rtt(0), 5.0),
 }
 
 

@@ -1,5 +1,6 @@
 """Transient faults through the embedded broker's injectors: a broker of three down, the group
-coordinator down, offset commits rejected or timed out, members joining and leaving. In each
+coordinator down, offset commits rejected or timed out, members joining and leaving, request
+errors on Produce, Fetch, JoinGroup, SyncGroup and Heartbeat, 500 ms broker RTT. In each
 the service stays up, every input offset gets a prediction, and duplicates are bounded by the
 batches that were re-delivered (at-least-once)."""
 
