@@ -79,6 +79,7 @@ _MEMBERSHIP_ERRORS = (
 # that long for us. 1 s keeps recovery quick at one connection attempt per second per broker.
 RECONNECT_BACKOFF_MAX_MS = 1000
 COORDINATOR_GRACE_S = 2.0  # finding the coordinator at start or after a move takes a moment
+STALL_S = 2.0  # a flush waiting longer than this makes the service not ready until it ends
 _WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
 
 
@@ -157,6 +158,7 @@ class KafkaEdge:
         on_commit_failed: Callable[[str], None] | None = None,
         stop: threading.Event | None = None,
         beat: Callable[[], None] | None = None,
+        on_stall: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.input_topic
@@ -167,6 +169,7 @@ class KafkaEdge:
         self.on_commit_failed = on_commit_failed or (lambda reason: None)
         self.stop = stop or threading.Event()
         self.beat = beat or (lambda: None)
+        self.on_stall = on_stall or (lambda reason: None)
         self.generation = 0  # bumped by every rebalance callback
         self.rebalancing = False  # partitions revoked, new assignment not yet known
         self._drain_deadline: float | None = None
@@ -415,6 +418,7 @@ class KafkaEdge:
         if not futures:
             return
         deadline = self._deadline(self.settings.flush_timeout_s)
+        started = time.monotonic()
         while True:
             deadline = self._cap(deadline)  # a SIGTERM meanwhile shortens the wait
             slice_s = min(deadline - time.monotonic(), _WAIT_SLICE_S)
@@ -424,6 +428,9 @@ class KafkaEdge:
                 break
             except KafkaError as exc:  # KafkaTimeoutError: not all acked within this slice
                 self.beat()
+                waited = time.monotonic() - started
+                if waited > STALL_S:
+                    self.on_stall(f"outputs unacknowledged for {waited:.0f} s")
                 if time.monotonic() >= deadline:
                     self._unacked = True
                     pending = sum(1 for f in futures if not f.is_done)

@@ -150,6 +150,7 @@ class Service:
             self.settings, self._on_assign, self._on_revoke, self._on_gap,
             on_dropped=self._on_dropped, on_commit_failed=self._on_commit_failed,
             stop=stop, beat=self.health.beat,
+            on_stall=lambda reason: self._set_fault(f"Kafka unavailable: {reason}"),
         )
         if self.watcher is not None:
             self.watcher.start()

@@ -68,6 +68,8 @@ class Report:
     missing: int
     recovery_s: float | None  # fault end -> first prediction emitted after it
     alive: bool  # the first service was running (and healthy) after the fault
+    ready: bool  # ... and ready again
+    not_ready_reasons: frozenset[str]  # what /readyz said during the fault
 
 
 def _commit_errors(*errors: str) -> Fault:
@@ -224,7 +226,12 @@ def run_fault(name: str, model: Path, n_events: int = 1500, keys: int = 40,
         writer.start()
         time.sleep(before_s)
         fault.inject(s)
-        time.sleep(fault.duration_s)
+        reasons: set[str] = set()
+        until = time.monotonic() + fault.duration_s
+        while time.monotonic() < until:  # what /readyz said during the fault
+            if not service.health.ready():
+                reasons.add(service.health.not_ready_reason())
+            time.sleep(0.05)
         fault.heal(s)
         healed = time.time()
         writer.join(timeout=180)
@@ -232,11 +239,13 @@ def run_fault(name: str, model: Path, n_events: int = 1500, keys: int = 40,
         inputs = set(writer.offsets)
         outputs = _read_outputs(s.topics.bootstrap, s.topics.output, inputs, timeout_s=90)
         alive = scrape(service.http.port, "/healthz")[0] == 200
+        ready = scrape(service.http.port, "/readyz")[0] == 200
     seen = Counter((o["partition"], o["offset"]) for o in outputs)
     after = [o["emitted_at"] for o in outputs if o["emitted_at"] >= healed]
     return Report(
         name=name, events_in=len(writer.offsets), predictions_out=len(outputs),
         duplicates=sum(c - 1 for c in seen.values() if c > 1),
         missing=len(inputs - set(seen)),
-        recovery_s=(min(after) - healed) if after else None, alive=alive,
+        recovery_s=(min(after) - healed) if after else None, alive=alive, ready=ready,
+        not_ready_reasons=frozenset(reasons),
     )

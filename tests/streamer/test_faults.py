@@ -27,3 +27,7 @@ def test_service_survives_fault(name: str, artifact_dir: Path) -> None:
     assert report.duplicates <= MAX_DUPLICATES, report
     assert report.predictions_out == report.events_in + report.duplicates
     assert report.recovery_s is not None, report
+    assert report.ready, report
+    if name in ("broker_down", "coordinator_down"):
+        # While it cannot make progress, /readyz says so and why.
+        assert any(r.startswith("Kafka unavailable") for r in report.not_ready_reasons), report
