@@ -221,8 +221,10 @@ def run_fault(name: str, model: Path, n_events: int = 1500, keys: int = 40,
     fault = FAULTS[name]
     with scenario(model) as s, running_service(s.settings()) as service:
         _wait_ready(service)
-        writer = _Writer(s.topics.bootstrap, s.topics.input, n_events, keys,
-                         before_s + fault.duration_s + after_s)
+        # Events before and during the fault, then (once it has ended) the rest.
+        span = before_s + fault.duration_s
+        n_during = int(n_events * span / (span + after_s))
+        writer = _Writer(s.topics.bootstrap, s.topics.input, n_during, keys, span)
         writer.start()
         time.sleep(before_s)
         fault.inject(s)
@@ -234,16 +236,19 @@ def run_fault(name: str, model: Path, n_events: int = 1500, keys: int = 40,
             time.sleep(0.05)
         fault.heal(s)
         healed = time.time()
-        writer.join(timeout=180)
-        assert writer.error is None, f"the test's producer failed: {writer.error!r}"
-        inputs = set(writer.offsets)
+        tail = _Writer(s.topics.bootstrap, s.topics.input, n_events - n_during, keys, after_s)
+        tail.start()
+        for w in (writer, tail):
+            w.join(timeout=180)
+            assert w.error is None, f"the test's producer failed: {w.error!r}"
+        inputs = set(writer.offsets) | set(tail.offsets)
         outputs = _read_outputs(s.topics.bootstrap, s.topics.output, inputs, timeout_s=90)
         alive = scrape(service.http.port, "/healthz")[0] == 200
         ready = scrape(service.http.port, "/readyz")[0] == 200
     seen = Counter((o["partition"], o["offset"]) for o in outputs)
     after = [o["emitted_at"] for o in outputs if o["emitted_at"] >= healed]
     return Report(
-        name=name, events_in=len(writer.offsets), predictions_out=len(outputs),
+        name=name, events_in=len(inputs), predictions_out=len(outputs),
         duplicates=sum(c - 1 for c in seen.values() if c > 1),
         missing=len(inputs - set(seen)),
         recovery_s=(min(after) - healed) if after else None, alive=alive, ready=ready,
