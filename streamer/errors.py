@@ -8,6 +8,8 @@
     │                      serving model is kept
     ├── RegistryError      the model registry is missing, malformed or refuses an operation
     └── KafkaEdgeError     the broker refused or lost something we cannot retry
+        └── KafkaUnavailable  a broker, the coordinator or the group is unavailable for
+                              now (outage, timeout, rebalance): retried with backoff
 """
 
 from __future__ import annotations
@@ -44,3 +46,8 @@ class RegistryError(StreamerError):
 
 class KafkaEdgeError(StreamerError):
     """A Kafka operation failed in a way the service cannot recover from by itself."""
+
+
+class KafkaUnavailable(KafkaEdgeError):
+    """A transient Kafka fault: the caller backs off and retries; nothing is lost because
+    offsets of unacknowledged work are not committed (the records are re-delivered)."""

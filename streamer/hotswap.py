@@ -30,12 +30,22 @@ log = logging.getLogger(__name__)
 def open_model_source(
     path: Path, name: str, device: torch.device, poll_s: float
 ) -> tuple[Artifact, ModelWatcher | None]:
-    """Load what ``path`` serves now; a registry (not a bare artifact dir) also gets a watcher."""
+    """Load what ``path`` serves now; a registry (not a bare artifact dir) also gets a watcher.
+
+    A registry whose CURRENT cannot be loaded starts on the newest loadable version in HISTORY
+    (logged; ``watcher.start_refusals`` says why) instead of failing the start."""
     artifact_dir, registry = resolve_model_path(Path(path), name)
     if registry is None:
         return load_artifact(artifact_dir, device), None
-    artifact = registry.load(None, device)
-    return artifact, ModelWatcher(registry, artifact.metadata.version, device, poll_s)
+    artifact, refused_version, refusals = registry.load_serving(device)
+    if refused_version is not None:
+        log.error("CURRENT (%s) cannot be served; starting on %s, the newest loadable version "
+                  "in HISTORY: %s", refused_version, artifact.metadata.version,
+                  "; ".join(refusals))
+    # The refused version counts as seen: it is not retried until CURRENT changes.
+    watcher = ModelWatcher(registry, refused_version or artifact.metadata.version, device, poll_s)
+    watcher.start_refusals = refusals if refused_version is not None else []
+    return artifact, watcher
 
 
 class ModelWatcher:
@@ -46,6 +56,7 @@ class ModelWatcher:
         self.device = device
         self.poll_s = poll_s
         self._seen = serving  # last version handed over or refused: never retried
+        self.start_refusals: list[str] = []  # why CURRENT was not served at start, if it was not
         self._lock = threading.Lock()
         self._ready: Artifact | None = None
         self._refusals: list[str] = []

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from streamer.artifact import Artifact
 from streamer.engine import Engine
-from streamer.errors import ConfigError
+from streamer.errors import ConfigError, KafkaEdgeError, KafkaUnavailable
 from streamer.events import DecodedBatch, Message, decode_batch
 from streamer.hotswap import ModelWatcher, open_model_source
 from streamer.kafka_edge import KafkaEdge
@@ -72,8 +72,12 @@ class Service:
             self.metrics.registry, self.health, settings.metrics_host, settings.metrics_port
         )
         self.metrics.set_model_version(self.version)
+        if watcher is not None and watcher.start_refusals:
+            self.metrics.model_fallback()
         self.edge: KafkaEdge | None = None
         self._assigned: set[int] = set()
+        self._fault = ""  # why Kafka cannot be used right now; "" when it can
+        self._commit_problem = ""  # why the last offset commit failed; "" after a success
         self._next_housekeeping = 0.0
         self._next_lag = 0.0
 
@@ -106,38 +110,106 @@ class Service:
         self.metrics.offsets_skipped(self.settings.input_topic, partition, skipped)
 
     def _update_ready(self) -> None:
-        ready = bool(self._assigned)
-        self.health.set_ready(ready, "" if ready else "no partitions assigned")
-        self.metrics.set_ready(ready)
+        reason = (self._fault or self._commit_problem
+                  or ("" if self._assigned else "no partitions assigned"))
+        self.health.set_ready(not reason, reason)
+        self.metrics.set_ready(not reason)
+
+    def _set_fault(self, reason: str) -> None:
+        if reason != self._fault:
+            self._fault = reason
+            self._update_ready()
+
+    def _on_dropped(self, n: int) -> None:
+        self.metrics.rebalance_dropped(n)
+
+    def _on_commit_failed(self, reason: str) -> None:
+        self.metrics.commit_failed(reason)
+        if reason == "timeout":  # a rejection by a rebalance is followed by a rejoin
+            self._commit_problem = "offset commits are timing out"
+            self._update_ready()
+
+    def _committed(self) -> None:
+        self.metrics.committed()
+        if self._commit_problem:
+            self._commit_problem = ""
+            self._update_ready()
 
     # --- the loop ----------------------------------------------------------------------
 
     def run(self, stop: threading.Event, edge: KafkaEdge | None = None) -> None:
-        """Consume until ``stop`` is set; then finish the batch, flush, commit and leave."""
+        """Consume until ``stop`` is set; then finish the batch, flush, commit and leave.
+
+        Transient Kafka faults (KafkaUnavailable) are retried with exponential backoff up to
+        ``retry_backoff_max_s`` while /readyz says why; anything else ends the loop. Returns
+        only when everything sent was acknowledged and committed; raises KafkaEdgeError when
+        the drain did not finish within ``drain_timeout_s`` (those offsets are re-delivered).
+        """
         self.http.start()
         self.edge = edge or KafkaEdge(
-            self.settings, self._on_assign, self._on_revoke, self._on_gap
+            self.settings, self._on_assign, self._on_revoke, self._on_gap,
+            on_dropped=self._on_dropped, on_commit_failed=self._on_commit_failed,
+            stop=stop, beat=self.health.beat,
+            on_stall=lambda reason: self._set_fault(f"Kafka unavailable: {reason}"),
         )
         if self.watcher is not None:
             self.watcher.start()
+        failure: BaseException | None = None
         try:
-            while not stop.is_set():
-                self.health.beat()
-                self._between_batches()
+            self._loop(stop)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            clean = self._shutdown(failure)
+        if not clean:
+            raise KafkaEdgeError(
+                f"drain did not finish within drain_timeout_s={self.settings.drain_timeout_s}: "
+                "some outputs or offsets were not acknowledged; they will be re-delivered"
+            )
+
+    def _loop(self, stop: threading.Event) -> None:
+        assert self.edge is not None
+        backoff = 0.0
+        while not stop.is_set():
+            self.health.beat()
+            self._between_batches()
+            try:
                 batch = self.edge.poll()
                 if batch:
                     self.process(batch)
-        finally:
-            # Close in this order: stop swaps, drain and commit, then stop answering probes.
-            self.health.set_ready(False, "shutting down")
-            self.metrics.set_ready(False)
+            except KafkaUnavailable as exc:
+                backoff = min(max(2 * backoff, 0.1), self.settings.retry_backoff_max_s)
+                self.metrics.kafka_retry()
+                self._set_fault(f"Kafka unavailable: {exc}")
+                log.warning("Kafka unavailable, retrying in %.1f s: %s", backoff, exc)
+                stop.wait(backoff)
+                continue
+            backoff = 0.0
+            if self._fault:
+                log.info("Kafka reachable again")
+                self._set_fault("")
+
+    def _shutdown(self, failure: BaseException | None) -> bool:
+        """Close in this order: stop swaps, drain and commit, then stop answering probes."""
+        assert self.edge is not None
+        self.health.set_ready(False, "shutting down")
+        self.metrics.set_ready(False)
+        clean = False
+        try:
             if self.watcher is not None:
                 self.watcher.stop()
-            try:
-                self.edge.close()
-            finally:
-                self.http.stop()
-            log.info("stopped cleanly")
+            clean = self.edge.close()
+        finally:
+            self.http.stop()
+            if failure is not None:
+                log.error("stopped after an error: %s: %s", type(failure).__name__, failure)
+            elif clean:
+                log.info("stopped cleanly")
+            else:
+                log.error("stopped with outputs or offsets not acknowledged within %.0f s; "
+                          "they will be re-delivered", self.settings.drain_timeout_s)
+        return clean
 
     def process(self, batch: Sequence[Message]) -> None:
         assert self.edge is not None
@@ -155,9 +227,9 @@ class Service:
             if evicted:
                 self.metrics.evicted("capacity", evicted)
             self._emit(batch, decoded, preds)
-        self.edge.flush_and_commit(batch)
+        if self.edge.flush_and_commit(batch):
+            self._committed()
         acked = time.time()
-        self.metrics.committed()
         self.metrics.observe_batch(len(batch), step_s)
         self.metrics.set_keys_resident(len(self.store))
         self.metrics.observe_latencies(acked - decoded.ts, acked - polled, len(decoded.keys))
@@ -204,7 +276,13 @@ class Service:
                 self.metrics.set_keys_resident(len(self.store))
         if now >= self._next_lag and self.edge is not None:
             self._next_lag = now + self.settings.lag_interval_s
-            self.metrics.set_lag(self.edge.lag())
+            lags = self.edge.lag()
+            self.metrics.set_lag_stale(lags is None)
+            if lags is not None:
+                self.metrics.set_lag(lags)
+            else:  # keep the last values of partitions still assigned, marked stale
+                assigned = self.edge.assigned_partitions()
+                self.metrics.keep_lag(lambda _topic, p: p in assigned)
 
     def _maybe_swap(self) -> None:
         assert self.watcher is not None

@@ -187,6 +187,49 @@ class StreamerSettings(KafkaClientSettings):
     lag_interval_s: float = Field(
         5.0, gt=0, description="seconds between consumer-lag measurements"
     )
+    # Consumer group membership and fault handling (see README "Consumer group and faults").
+    partition_assignor: Literal["sticky", "range", "roundrobin"] = Field(
+        "sticky", description="partition assignment strategy of the consumer group"
+    )
+    group_instance_id: str | None = Field(
+        None, min_length=1,
+        description="static group membership id (one per replica, e.g. the pod name); a "
+        "restart within session_timeout_ms keeps its partitions without a rebalance",
+    )
+    session_timeout_ms: int = Field(
+        10_000, ge=1000, description="a member silent this long is removed from the group"
+    )
+    heartbeat_interval_ms: int = Field(
+        3_000, ge=100, description="group heartbeat period; below session_timeout_ms / 3"
+    )
+    max_poll_interval_ms: int = Field(
+        60_000, ge=1000,
+        description="longest gap between polls before the member leaves the group; also "
+        "the rebalance timeout",
+    )
+    request_timeout_ms: int = Field(
+        30_000, ge=1000, description="Kafka request timeout; above session_timeout_ms"
+    )
+    isolation_level: Literal["read_committed", "read_uncommitted"] = Field(
+        "read_committed",
+        description="read_committed skips aborted and open transactions of the input topic",
+    )
+    check_crcs: bool = Field(
+        True, description="verify record-batch CRCs (off only for brokers that write none)"
+    )
+    flush_timeout_s: float = Field(
+        30.0, gt=0,
+        description="longest wait for a batch's outputs to be acknowledged before the batch "
+        "is re-delivered",
+    )
+    commit_timeout_s: float = Field(5.0, gt=0, description="longest wait for an offset commit")
+    drain_timeout_s: float = Field(
+        20.0, gt=0,
+        description="on SIGTERM, longest time to flush, commit and leave the group",
+    )
+    retry_backoff_max_s: float = Field(
+        5.0, gt=0, description="longest pause between retries while Kafka is unavailable"
+    )
 
     @field_validator("metrics_address")
     @classmethod
@@ -201,6 +244,22 @@ class StreamerSettings(KafkaClientSettings):
                 "max_batch_events",
                 f"{self.max_batch_events} exceeds capacity ({self.capacity}); "
                 "a batch can never hold more keys than there are slots",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _group_timeouts(self) -> StreamerSettings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise FieldProblem(
+                "heartbeat_interval_ms",
+                f"{self.heartbeat_interval_ms} ms is more than a third of session_timeout_ms "
+                f"({self.session_timeout_ms} ms); the group would drop this member",
+            )
+        if self.request_timeout_ms <= self.session_timeout_ms:
+            raise FieldProblem(
+                "request_timeout_ms",
+                f"{self.request_timeout_ms} ms must exceed session_timeout_ms "
+                f"({self.session_timeout_ms} ms): a JoinGroup may wait that long",
             )
         return self
 

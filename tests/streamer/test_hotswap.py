@@ -5,12 +5,14 @@ the new model, and a corrupt version is refused while the old one keeps serving.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -136,3 +138,35 @@ def test_version_with_another_state_shape_is_refused(topics: Topics, tmp_path: P
         _, text = scrape(service.http.port)
     assert sample(text, "streamer_model_info", f'version="{good}"') == 1
     assert sample(text, "streamer_model_swaps_total", 'outcome="success"') == 0
+
+
+def test_start_on_corrupt_current_falls_back_to_newest_loadable_in_history(
+    topics: Topics, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = Registry(tmp_path / "registry")
+    registry.publish(make_model(seed=1), make_current=True)
+    good = registry.publish(make_model(seed=2), make_current=True)
+    bad = registry.publish(make_model(seed=3), make_current=True)
+    weights = registry.path(bad) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # truncated on the shared volume
+    settings = settings_for(topics, tmp_path / "registry", registry_poll_s=0.05)
+    event = json.dumps({"key": "a", "ts": time.time(), "values": [1, 2, 3, 4]}).encode()
+    caplog.set_level(logging.ERROR, logger="streamer.hotswap")
+    with running_service(settings) as service:
+        assert service.version == good, "the newest loadable version, not the oldest"
+        text = scrape(service.http.port)[1]
+        assert sample(text, "streamer_model_fallbacks_total") == 1
+        produce(topics.bootstrap, topics.input, [(b"a", event)])
+        out = json_values(read_topic(topics.bootstrap, topics.output, expect=1))
+        time.sleep(0.3)  # several watcher polls: the refused CURRENT is not swapped in
+        assert service.version == good
+    assert [o["model_version"] for o in out] == [good]
+    assert any(bad in r.getMessage() and good in r.getMessage() for r in caplog.records)
+
+
+def test_unreadable_current_pointer_falls_back_too(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry")
+    good = registry.publish(make_model(seed=1), make_current=True)
+    (registry.dir / CURRENT).write_text("../../etc/passwd\n")
+    artifact, refused, reasons = registry.load_serving()
+    assert artifact.metadata.version == good and refused == CURRENT and reasons
