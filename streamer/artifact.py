@@ -96,6 +96,9 @@ def save_artifact(
         seed=seed,
     )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{directory}: refusing to save {name}: non-finite values")
     save_file(state, str(directory / WEIGHTS))
     (directory / METADATA).write_text(meta.model_dump_json(indent=2))
     sums = "".join(f"{_sha256(directory / n)}  {n}\n" for n in (WEIGHTS, METADATA))
@@ -151,6 +154,13 @@ def load_artifact(directory: Path, device: torch.device | str = "cpu") -> Artifa
         raise ArtifactError(f"{directory}: metadata does not build a model: {exc}") from exc
     _check_weights(directory, model, weights)
     model.load_state_dict(weights)
+    # After the cast to the model's dtype: 1e39 is finite in a float64 file, inf in float32.
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(
+                f"{directory}: {name} is not finite as {tensor.dtype} (stored as "
+                f"{weights[name].dtype}); values beyond the serving precision are refused"
+            )
     model.eval()
     return Artifact(model.to(device), meta, directory)
 

@@ -21,7 +21,14 @@ from collections.abc import Callable, Iterable, Sequence
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError
+from kafka.errors import (
+    CorruptRecordError,
+    InvalidRecordError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    PolicyViolationError,
+    RecordListTooLargeError,
+)
 from kafka.partitioner.default import DefaultPartitioner
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
@@ -33,6 +40,13 @@ from streamer.settings import StreamerSettings
 log = logging.getLogger(__name__)
 
 PartitionCallback = Callable[[set[int]], None]
+Headers = list[tuple[str, bytes]]
+Record = tuple[str, bytes | None, bytes | None, Headers | None]  # topic, key, value, headers
+# (record, origin given to send(), error, final) -> a replacement to send, or None
+RefusedCallback = Callable[[Record, object, Exception, bool], Record | None]
+# Refusals of the record itself (size, format, policy): sending it again cannot succeed.
+REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError,
+           CorruptRecordError, PolicyViolationError)
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -72,12 +86,14 @@ class KafkaEdge:
         on_gap: Callable[[int, int], None] | None = None,
         consumer: KafkaConsumer | None = None,
         producer: KafkaProducer | None = None,
+        on_refused: RefusedCallback | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.input_topic
         self.on_assign = on_assign
         self.on_revoke = on_revoke
         self.on_gap = on_gap or (lambda partition, n: None)
+        self.on_refused = on_refused
         security = settings.kafka_security_kwargs()
         self.consumer = consumer or KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers.split(","),
@@ -96,10 +112,14 @@ class KafkaEdge:
             batch_size=256 * 1024,
             # One request in flight keeps a key's predictions in order across retries.
             max_in_flight_requests_per_connection=1,
+            max_request_size=settings.max_request_size,
+            compression_type=(None if settings.output_compression == "none"
+                              else settings.output_compression),
             client_id=f"streamer-{settings.group_id}-out",
             **security,
         )
         self._futures: list[FutureRecordMetadata] = []
+        self._sent: list[tuple[Record, object]] = []  # what each future sent, and its origin
         self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
         self._next_offset: dict[int, int] = {}  # partition -> next offset we expect to see
         self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
@@ -158,14 +178,17 @@ class KafkaEdge:
 
     def send(
         self, topic: str, key: bytes | None, value: bytes | None,
-        headers: list[tuple[str, bytes]] | None = None,
+        headers: list[tuple[str, bytes]] | None = None, origin: object = None,
     ) -> None:
+        """Buffer one record; ``origin`` (e.g. the input message) is handed to ``on_refused``
+        if the producer or the broker refuses this record."""
         try:
             partition = self._partition(topic, key)
             self._futures.append(
                 self.producer.send(topic, key=key, value=value, headers=headers,
                                    partition=partition)
             )
+            self._sent.append(((topic, key, value, headers), origin))
         except KafkaError as exc:
             raise KafkaEdgeError(f"produce to {topic} failed: {exc}") from exc
 
@@ -196,15 +219,49 @@ class KafkaEdge:
 
     def flush(self) -> None:
         futures, self._futures = self._futures, []
+        sent, self._sent = self._sent, []
         if not futures:
             return
         self.producer.flush()
         failed = [f for f in futures if f.failed()]
+        if failed and self.on_refused is not None:
+            failed = self._replace_refused(futures, sent)
         if failed:
             raise KafkaEdgeError(
                 f"{len(failed)} of {len(futures)} records were not acknowledged: "
                 f"{failed[0].exception}; offsets not committed, the batch will be re-delivered"
             )
+
+    def _replace_refused(
+        self, futures: list[FutureRecordMetadata], sent: list[tuple[Record, object]]
+    ) -> list[FutureRecordMetadata]:
+        """Send ``on_refused``'s replacement (e.g. a dead letter that fits) for every record
+        refused for what it is, so such a record never stops its partition; a replacement
+        refused again is reported as final and dropped. Returns the transient failures."""
+        assert self.on_refused is not None
+        transient: list[FutureRecordMetadata] = []
+        retried: list[tuple[Record, object, FutureRecordMetadata]] = []
+        for future, (record, origin) in zip(futures, sent, strict=True):
+            if not future.failed():
+                continue
+            if not isinstance(future.exception, REFUSED):
+                transient.append(future)
+                continue
+            replacement = self.on_refused(record, origin, future.exception, False)
+            if replacement is not None:
+                topic, key, value, headers = replacement
+                retried.append((replacement, origin, self.producer.send(
+                    topic, key=key, value=value, headers=headers,
+                    partition=self._partition(topic, key))))
+        if retried:
+            self.producer.flush()
+        for replacement, origin, future in retried:
+            if future.failed():
+                if isinstance(future.exception, REFUSED):
+                    self.on_refused(replacement, origin, future.exception, True)
+                else:
+                    transient.append(future)
+        return transient
 
     def commit_pending(self) -> bool:
         """Commit acknowledged offsets; returns whether a commit was made."""
