@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import streamer
-from streamer.errors import ArtifactError
+from streamer.errors import ArtifactError, IncompleteArtifact
 from streamer.features import FeatureSpec
 from streamer.model import LSTMModel, ModelConfig
 
@@ -126,7 +126,9 @@ def verify_checksums(directory: Path) -> None:
             if line.strip():
                 digest, name = line.split(maxsplit=1)
                 expected[name] = digest
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise IncompleteArtifact(f"{directory}: unreadable {CHECKSUMS}: {exc}") from exc
+    except ValueError as exc:
         raise ArtifactError(f"{directory}: unreadable {CHECKSUMS}: {exc}") from exc
     for name in (WEIGHTS, METADATA):
         if name not in expected:
@@ -134,9 +136,9 @@ def verify_checksums(directory: Path) -> None:
         try:
             actual = _sha256(directory / name)
         except OSError as exc:
-            raise ArtifactError(f"{directory}: cannot read {name}: {exc}") from exc
-        if actual != expected[name]:
-            raise ArtifactError(f"{directory}: checksum mismatch for {name}")
+            raise IncompleteArtifact(f"{directory}: cannot read {name}: {exc}") from exc
+        if actual != expected[name]:  # corrupt, or still being written
+            raise IncompleteArtifact(f"{directory}: checksum mismatch for {name}")
 
 
 def load_artifact(directory: Path, device: torch.device | str = "cpu") -> Artifact:

@@ -143,7 +143,9 @@ class Metrics:
         )
         # Known label values start at 0 so rate() works from the first scrape.
         self._evicted = {r: self.key_evictions.labels(r) for r in ("capacity", "ttl")}
-        self._swaps = {o: self.model_swaps.labels(o) for o in ("success", "refused")}
+        self._swaps = {
+            o: self.model_swaps.labels(o) for o in ("success", "refused", "retried")
+        }
         self._refused = {o: self.refused.labels(o) for o in ("replaced", "dropped")}
         self._dead: dict[str, Any] = {}
         self._skipped: dict[tuple[str, int], Any] = {}

@@ -291,6 +291,8 @@ class Service:
         for refused in self.watcher.take_refusals():
             self.metrics.swap("refused")
             log.error("model version refused, still serving %s: %s", self.version, refused)
+        for _ in range(self.watcher.take_retries()):
+            self.metrics.swap("retried")
         candidate = self.watcher.take()
         if candidate is None:
             return
