@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import streamer
-from streamer.errors import ArtifactError
+from streamer.errors import ArtifactError, IncompleteArtifact
 from streamer.features import FeatureSpec
 from streamer.model import LSTMModel, ModelConfig
 
@@ -96,6 +96,9 @@ def save_artifact(
         seed=seed,
     )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{directory}: refusing to save {name}: non-finite values")
     save_file(state, str(directory / WEIGHTS))
     (directory / METADATA).write_text(meta.model_dump_json(indent=2))
     sums = "".join(f"{_sha256(directory / n)}  {n}\n" for n in (WEIGHTS, METADATA))
@@ -123,7 +126,9 @@ def verify_checksums(directory: Path) -> None:
             if line.strip():
                 digest, name = line.split(maxsplit=1)
                 expected[name] = digest
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise IncompleteArtifact(f"{directory}: unreadable {CHECKSUMS}: {exc}") from exc
+    except ValueError as exc:
         raise ArtifactError(f"{directory}: unreadable {CHECKSUMS}: {exc}") from exc
     for name in (WEIGHTS, METADATA):
         if name not in expected:
@@ -131,9 +136,9 @@ def verify_checksums(directory: Path) -> None:
         try:
             actual = _sha256(directory / name)
         except OSError as exc:
-            raise ArtifactError(f"{directory}: cannot read {name}: {exc}") from exc
-        if actual != expected[name]:
-            raise ArtifactError(f"{directory}: checksum mismatch for {name}")
+            raise IncompleteArtifact(f"{directory}: cannot read {name}: {exc}") from exc
+        if actual != expected[name]:  # corrupt, or still being written
+            raise IncompleteArtifact(f"{directory}: checksum mismatch for {name}")
 
 
 def load_artifact(directory: Path, device: torch.device | str = "cpu") -> Artifact:
@@ -151,6 +156,13 @@ def load_artifact(directory: Path, device: torch.device | str = "cpu") -> Artifa
         raise ArtifactError(f"{directory}: metadata does not build a model: {exc}") from exc
     _check_weights(directory, model, weights)
     model.load_state_dict(weights)
+    # After the cast to the model's dtype: 1e39 is finite in a float64 file, inf in float32.
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(
+                f"{directory}: {name} is not finite as {tensor.dtype} (stored as "
+                f"{weights[name].dtype}); values beyond the serving precision are refused"
+            )
     model.eval()
     return Artifact(model.to(device), meta, directory)
 

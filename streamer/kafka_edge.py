@@ -35,17 +35,20 @@ from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAs
 from kafka.errors import (
     AuthorizationError,
     CommitFailedError,
+    CorruptRecordError,
     FencedInstanceIdError,
     IllegalArgumentError,
     IllegalGenerationError,
     IncompatibleBrokerVersion,
     InvalidConfigurationError,
     InvalidGroupIdError,
+    InvalidRecordError,
     InvalidSessionTimeoutError,
     InvalidTopicError,
     KafkaConfigurationError,
     KafkaError,
     MessageSizeTooLargeError,
+    PolicyViolationError,
     RebalanceInProgressError,
     RecordListTooLargeError,
     SaslAuthenticationFailedError,
@@ -65,6 +68,13 @@ from streamer.settings import StreamerSettings
 log = logging.getLogger(__name__)
 
 PartitionCallback = Callable[[set[int]], None]
+Headers = list[tuple[str, bytes]]
+Record = tuple[str, bytes | None, bytes | None, Headers | None]  # topic, key, value, headers
+# (record, origin given to send(), error, final) -> a replacement to send, or None
+RefusedCallback = Callable[[Record, object, Exception, bool], Record | None]
+# Refusals of the record itself (size, format, policy): sending it again cannot succeed.
+REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError,
+           CorruptRecordError, PolicyViolationError)
 
 ASSIGNORS: dict[str, Any] = {
     "sticky": StickyPartitionAssignor,
@@ -159,6 +169,7 @@ class KafkaEdge:
         stop: threading.Event | None = None,
         beat: Callable[[], None] | None = None,
         on_stall: Callable[[str], None] | None = None,
+        on_refused: RefusedCallback | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.input_topic
@@ -175,6 +186,7 @@ class KafkaEdge:
         self._drain_deadline: float | None = None
         self._unacked = False  # a flush gave up with records still unacknowledged
         self._coordinator_missing_since: float | None = None
+        self.on_refused = on_refused
         security = settings.kafka_security_kwargs()
         self.consumer = consumer or KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers.split(","),
@@ -204,10 +216,14 @@ class KafkaEdge:
             max_in_flight_requests_per_connection=1,
             request_timeout_ms=settings.request_timeout_ms,
             reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+            max_request_size=settings.max_request_size,
+            compression_type=(None if settings.output_compression == "none"
+                              else settings.output_compression),
             client_id=f"streamer-{settings.group_id}-out",
             **security,
         )
         self._futures: list[FutureRecordMetadata] = []
+        self._sent: list[tuple[Record, object]] = []  # what each future sent, and its origin
         self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
         self._next_offset: dict[int, int] = {}  # partition -> next offset we expect to see
         self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
@@ -354,14 +370,17 @@ class KafkaEdge:
 
     def send(
         self, topic: str, key: bytes | None, value: bytes | None,
-        headers: list[tuple[str, bytes]] | None = None,
+        headers: list[tuple[str, bytes]] | None = None, origin: object = None,
     ) -> None:
+        """Buffer one record; ``origin`` (e.g. the input message) is handed to ``on_refused``
+        if the producer or the broker refuses this record."""
         try:
             partition = self._partition(topic, key)
             self._futures.append(
                 self.producer.send(topic, key=key, value=value, headers=headers,
                                    partition=partition)
             )
+            self._sent.append(((topic, key, value, headers), origin))
         except KafkaError as exc:
             raise _wrap(f"produce to {topic} failed", exc) from exc
 
@@ -415,6 +434,7 @@ class KafkaEdge:
         """Wait for acks of everything sent, at most ``flush_timeout_s`` (less when draining),
         beating the heartbeat meanwhile."""
         futures, self._futures = self._futures, []  # on failure the batch is re-sent anyway
+        sent, self._sent = self._sent, []
         if not futures:
             return
         deadline = self._deadline(self.settings.flush_timeout_s)
@@ -440,6 +460,8 @@ class KafkaEdge:
                         "re-delivered"
                     ) from exc
         failed = [f for f in futures if f.failed()]
+        if failed and self.on_refused is not None:
+            failed = self._replace_refused(futures, sent)
         if failed:
             error = failed[0].exception
             cls = KafkaUnavailable if is_transient(error) else KafkaEdgeError
@@ -448,6 +470,44 @@ class KafkaEdge:
                 f"{type(error).__name__}: {error}; offsets not committed, the batch will be "
                 "re-delivered"
             )
+
+    def _replace_refused(
+        self, futures: list[FutureRecordMetadata], sent: list[tuple[Record, object]]
+    ) -> list[FutureRecordMetadata]:
+        """Send ``on_refused``'s replacement (e.g. a dead letter that fits) for every record
+        refused for what it is, so such a record never stops its partition; a replacement
+        refused again is reported as final and dropped. Returns the transient failures."""
+        assert self.on_refused is not None
+        transient: list[FutureRecordMetadata] = []
+        retried: list[tuple[Record, object, FutureRecordMetadata]] = []
+        for future, (record, origin) in zip(futures, sent, strict=True):
+            if not future.failed():
+                continue
+            if not isinstance(future.exception, REFUSED):
+                transient.append(future)
+                continue
+            replacement = self.on_refused(record, origin, future.exception, False)
+            if replacement is not None:
+                topic, key, value, headers = replacement
+                retried.append((replacement, origin, self.producer.send(
+                    topic, key=key, value=value, headers=headers,
+                    partition=self._partition(topic, key))))
+        if retried:
+            timeout_s = self._deadline(self.settings.flush_timeout_s) - time.monotonic()
+            try:
+                self.producer.flush(timeout=max(timeout_s, 0.001))
+            except KafkaError as exc:
+                raise KafkaUnavailable(
+                    f"replacements of refused records not acknowledged in time "
+                    f"({type(exc).__name__}); offsets not committed, the batch will be re-delivered"
+                ) from exc
+        for replacement, origin, future in retried:
+            if future.failed():
+                if isinstance(future.exception, REFUSED):
+                    self.on_refused(replacement, origin, future.exception, True)
+                else:
+                    transient.append(future)
+        return transient
 
     def commit_pending(self) -> bool:
         """Commit acknowledged offsets within ``commit_timeout_s``; returns whether a commit

@@ -84,6 +84,17 @@ class Metrics:
             ["reason"], registry=reg,
         )
         self.commits = Counter("streamer_commits_total", "Offset commits.", registry=reg)
+        self.negative_latency = Counter(
+            "streamer_negative_latency_total",
+            "Events stamped after they were emitted (clock skew); observed as latency 0.",
+            registry=reg,
+        )
+        self.refused = Counter(
+            "streamer_records_refused_total",
+            "Output records the producer or broker refused (size, format): replaced by a "
+            "dead letter that fits, or dropped when that was refused too.",
+            ["outcome"], registry=reg,
+        )
         self.offsets_skipped_total = Counter(
             "streamer_offsets_skipped_total", "Offsets skipped by out-of-range resets.",
             ["topic", "partition"], registry=reg,
@@ -139,7 +150,10 @@ class Metrics:
         }
         # Known label values start at 0 so rate() works from the first scrape.
         self._evicted = {r: self.key_evictions.labels(r) for r in ("capacity", "ttl")}
-        self._swaps = {o: self.model_swaps.labels(o) for o in ("success", "refused")}
+        self._swaps = {
+            o: self.model_swaps.labels(o) for o in ("success", "refused", "retried")
+        }
+        self._refused = {o: self.refused.labels(o) for o in ("replaced", "dropped")}
         self._dead: dict[str, Any] = {}
         self._skipped: dict[tuple[str, int], Any] = {}
         self._lag: dict[tuple[str, int], Any] = {}
@@ -159,10 +173,17 @@ class Metrics:
         processing_seconds: float,
         n_predictions: int,
     ) -> None:
-        """Per-event end-to-end latencies (non-finite ones dropped) and one batch's processing."""
+        """Per-event end-to-end latencies (non-finite ones dropped, negative ones counted and
+        observed as 0) and one batch's processing."""
         values = np.asarray(end_to_end, dtype=np.float64).ravel()
         # NaN would poison _sum forever; a clock that cannot be read is not a latency.
-        self.end_to_end_latency.observe_many(values[np.isfinite(values)])
+        values = values[np.isfinite(values)]
+        # A negative observation makes _sum fall, which rate() reads as a counter reset.
+        negative = int(np.count_nonzero(values < 0))
+        if negative:
+            self.negative_latency.inc(negative)
+            values = np.maximum(values, 0.0)
+        self.end_to_end_latency.observe_many(values)
         self.processing_latency.observe(processing_seconds)
         self.predictions_out.inc(n_predictions)
 
@@ -171,6 +192,10 @@ class Metrics:
         if child is None:
             child = self._dead.setdefault(reason, self.dead_letter.labels(reason))
         child.inc(n)
+
+    def records_refused(self, outcome: str) -> None:
+        """``outcome``: replaced (by a dead letter) or dropped."""
+        self._refused[outcome].inc()
 
     def committed(self) -> None:
         self.commits.inc()

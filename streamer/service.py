@@ -28,7 +28,7 @@ from streamer.engine import Engine
 from streamer.errors import ConfigError, KafkaEdgeError, KafkaUnavailable
 from streamer.events import DecodedBatch, Message, decode_batch
 from streamer.hotswap import ModelWatcher, open_model_source
-from streamer.kafka_edge import KafkaEdge
+from streamer.kafka_edge import KafkaEdge, Record
 from streamer.metrics import HealthState, Metrics, MetricsServer
 from streamer.settings import StreamerSettings
 from streamer.state import StateStore
@@ -36,6 +36,10 @@ from streamer.state import StateStore
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 1.0
+NON_FINITE_OUTPUT = "non_finite_output"  # dead-letter reason: the model step overflowed
+REFUSED_BY_BROKER = "refused_by_broker"  # dead-letter reason: the output record was refused
+DLQ_OVERHEAD = 1024  # bytes kept free under max_request_size for record and batch framing
+REFUSED_VALUE_BYTES = 16 * 1024  # value kept in the dead letter that replaces a refused record
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,6 +155,7 @@ class Service:
             on_dropped=self._on_dropped, on_commit_failed=self._on_commit_failed,
             stop=stop, beat=self.health.beat,
             on_stall=lambda reason: self._set_fault(f"Kafka unavailable: {reason}"),
+            on_refused=self._on_refused,
         )
         if self.watcher is not None:
             self.watcher.start()
@@ -214,9 +219,14 @@ class Service:
     def process(self, batch: Sequence[Message]) -> None:
         assert self.edge is not None
         polled = time.time()
-        decoded = decode_batch(batch, self.engine.spec, polled, self.settings.max_future_s)
+        st = self.settings
+        decoded = decode_batch(
+            batch, self.engine.spec, polled, st.max_future_s, max_past_s=st.max_past_s,
+            min_event_time=st.min_event_time, max_key_bytes=st.max_key_bytes,
+        )
         self._dead_letter(batch, decoded)
         step_s = 0.0
+        emitted = 0
         if decoded.keys:
             parts = [batch[i].partition for i in decoded.index]
             t0 = time.perf_counter()
@@ -226,43 +236,113 @@ class Service:
             step_s = time.perf_counter() - t0
             if evicted:
                 self.metrics.evicted("capacity", evicted)
-            self._emit(batch, decoded, preds)
+            emitted = self._emit(batch, decoded, preds)
         if self.edge.flush_and_commit(batch):
             self._committed()
         acked = time.time()
         self.metrics.observe_batch(len(batch), step_s)
         self.metrics.set_keys_resident(len(self.store))
-        self.metrics.observe_latencies(acked - decoded.ts, acked - polled, len(decoded.keys))
+        self.metrics.observe_latencies(acked - decoded.ts, acked - polled, emitted)
 
-    def _emit(self, batch: Sequence[Message], decoded: DecodedBatch, preds: np.ndarray) -> None:
+    def _emit(self, batch: Sequence[Message], decoded: DecodedBatch, preds: np.ndarray) -> int:
+        """Produce one prediction per good event (RFC 8259 JSON: no NaN/Infinity tokens); an
+        event whose prediction is not finite (the engine kept its key's state) becomes a dead
+        letter. Returns the number of predictions produced."""
         assert self.edge is not None
         topic, version, emitted_at = self.settings.output_topic, self.version, time.time()
         send, dumps = self.edge.send, json.dumps
+        finite = np.isfinite(preds).all(axis=1).tolist()
+        emitted = 0
         for j, (i, key) in enumerate(zip(decoded.index, decoded.keys, strict=True)):
             msg = batch[i]
+            if not finite[j]:
+                self._send_dead_letter(msg, NON_FINITE_OUTPUT, (
+                    f"model {version} gave a non-finite prediction for key {key!r} at "
+                    f"offset {msg.offset}; the key keeps its last good state"),
+                    [("dlq.key", key.encode()), ("dlq.model.version", version.encode())])
+                continue
             value = dumps({
                 "key": key, "ts": decoded.ts_raw[j], "partition": msg.partition,
                 "offset": msg.offset, "prediction": preds[j].tolist(),
                 "model_version": version, "emitted_at": emitted_at,
-            }, separators=(",", ":"))
-            send(topic, key.encode(), value.encode())
+            }, separators=(",", ":"), allow_nan=False)
+            send(topic, key.encode(), value.encode(), None, msg)
+            emitted += 1
+        return emitted
 
     def _dead_letter(self, batch: Sequence[Message], decoded: DecodedBatch) -> None:
-        assert self.edge is not None
-        topic = self.settings.dead_letter_topic
         for i, err in decoded.bad:
-            msg = batch[i]
-            headers = [
-                ("dlq.reason", err.reason.encode()),
-                ("dlq.detail", err.detail.encode("utf-8", "replace")[:1024]),
-                ("dlq.source.topic", self.settings.input_topic.encode()),
-                ("dlq.source.partition", str(msg.partition).encode()),
-                ("dlq.source.offset", str(msg.offset).encode()),
-            ]
-            self.edge.send(topic, msg.key, msg.value, headers)
-            self.metrics.dead_lettered(err.reason)
-            log.debug("dead-lettered %s[%d]@%d: %s", self.settings.input_topic, msg.partition,
-                      msg.offset, err)
+            self._send_dead_letter(batch[i], err.reason, err.detail)
+
+    def _send_dead_letter(
+        self, msg: Message, reason: str, detail: str,
+        extra: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        assert self.edge is not None
+        self.edge.send(*self._dead_letter_record(msg, reason, detail, extra), msg)
+        self.metrics.dead_lettered(reason)
+        log.debug("dead-lettered %s[%d]@%d: %s: %s", self.settings.input_topic, msg.partition,
+                  msg.offset, reason, detail)
+
+    def _dead_letter_record(
+        self, msg: Message, reason: str, detail: str,
+        extra: Sequence[tuple[str, bytes]] = (), max_value: int | None = None,
+    ) -> Record:
+        """A dead letter that can always be produced: a keyless tombstone gets an empty value
+        (header ``dlq.tombstone``); a key longer than ``max_key_bytes`` and a value that would
+        not fit ``max_request_size`` (or ``max_value``) are cut, with the original length in
+        ``dlq.key.truncated`` / ``dlq.value.truncated``."""
+        headers = [
+            ("dlq.reason", reason.encode()),
+            ("dlq.detail", detail.encode("utf-8", "replace")[:1024]),
+            ("dlq.source.topic", self.settings.input_topic.encode()),
+            ("dlq.source.partition", str(msg.partition).encode()),
+            ("dlq.source.offset", str(msg.offset).encode()),
+            *((name, value[:1024]) for name, value in extra),
+        ]
+        budget = self.settings.max_request_size - DLQ_OVERHEAD - sum(
+            len(name) + len(value) + 64 for name, value in headers)
+        key, value = msg.key, msg.value
+        key_limit = min(self.settings.max_key_bytes, budget // 2)
+        if key is not None and len(key) > key_limit:
+            headers.append(("dlq.key.truncated", str(len(key)).encode()))
+            key = key[:key_limit]
+        value_limit = budget - 64 - len(key or b"")
+        if max_value is not None:
+            value_limit = min(value_limit, max_value)
+        if value is not None and len(value) > value_limit:
+            headers.append(("dlq.value.truncated", str(len(value)).encode()))
+            value = value[:max(value_limit, 0)]
+        if key is None and value is None:  # a producer needs one of them
+            headers.append(("dlq.tombstone", b"1"))
+            value = b""
+        return self.settings.dead_letter_topic, key, value, headers
+
+    def _on_refused(
+        self, record: Record, origin: object, exc: Exception, final: bool
+    ) -> Record | None:
+        """The producer or broker refused ``record`` for what it is (size, format): replace it
+        with a small dead letter of its input message, so the partition moves on. A dead
+        letter refused as well is dropped, counted and logged with its coordinates."""
+        topic = record[0]
+        if final or not isinstance(origin, Message):
+            self.metrics.records_refused("dropped")
+            log.error("dropped a record the broker refused for %s (source %r): %s", topic,
+                      origin if not isinstance(origin, Message) else
+                      (origin.partition, origin.offset), exc)
+            return None
+        self.metrics.records_refused("replaced")
+        reason = REFUSED_BY_BROKER
+        if topic == self.settings.dead_letter_topic:  # keep the reason it was dead-lettered for
+            reason = dict(record[3] or []).get("dlq.reason", reason.encode()).decode()
+        else:
+            self.metrics.dead_lettered(reason)
+        log.warning("%s refused a record for %s[%d]@%d: %s; dead-lettering it instead",
+                    topic, self.settings.input_topic, origin.partition, origin.offset, exc)
+        return self._dead_letter_record(
+            origin, reason, f"{topic} refused the record: {type(exc).__name__}: {exc}",
+            [("dlq.refused.topic", topic.encode())], max_value=REFUSED_VALUE_BYTES,
+        )
 
     def _between_batches(self) -> None:
         now = time.time()
@@ -289,6 +369,8 @@ class Service:
         for refused in self.watcher.take_refusals():
             self.metrics.swap("refused")
             log.error("model version refused, still serving %s: %s", self.version, refused)
+        for _ in range(self.watcher.take_retries()):
+            self.metrics.swap("retried")
         candidate = self.watcher.take()
         if candidate is None:
             return

@@ -330,7 +330,12 @@ def test_k8s_trainer_cronjob(k8s: dict[str, dict[str, Any]]) -> None:
     assert pod["restartPolicy"] == "Never"
     (container,) = pod["containers"]
     assert container["command"] == ["trainer"]
-    assert container["args"][:3] == ["train", "--registry", "/registry"]
+    # One run per slot that pushes its metrics: the pod is gone before any scrape.
+    assert container["args"][:5] == ["schedule", "--every", "6h", "--max-runs", "1"]
+    assert container["args"][5:7] == ["--registry", "/registry"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TRAINER_PUSHGATEWAY"]["value"].startswith("http://")
+    assert "ports" not in container
     claim = pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
     assert claim == k8s["PersistentVolumeClaim"]["metadata"]["name"]
 

@@ -314,3 +314,43 @@ def test_metadata_whose_model_and_features_disagree_is_refused(artifact_dir: Pat
     _edit_metadata(artifact_dir, {"model.input_size": 5})
     _rewrite_checksums(artifact_dir)
     _refusal(artifact_dir, "does not build a model")
+
+
+@pytest.mark.parametrize("big", [1e39, -3.5e38, 1.7976931348623157e308])
+def test_float64_weight_that_overflows_float32_is_refused(artifact_dir: Path, big: float) -> None:
+    """Finite in the float64 file, infinite once cast to the model's float32: refused."""
+    weights = {k: v.double() for k, v in _weights(make_model(seed=7)).items()}
+    weights["lstm.weight_hh_l1"][3, 2] = big
+    save_file(weights, str(artifact_dir / WEIGHTS))
+    _rewrite_checksums(artifact_dir)
+    _refusal(artifact_dir, "lstm.weight_hh_l1", "not finite as torch.float32")
+
+
+def test_float64_weights_within_float32_range_still_load(artifact_dir: Path) -> None:
+    weights = {k: v.double() for k, v in _weights(make_model(seed=7)).items()}
+    save_file(weights, str(artifact_dir / WEIGHTS))
+    _rewrite_checksums(artifact_dir)
+    assert load_artifact(artifact_dir).model.lstm.weight_hh_l1.dtype == torch.float32
+
+
+def test_promote_refuses_a_version_that_overflows_float32(tmp_path: Path) -> None:
+    from streamer.registry import Registry
+
+    registry = Registry(tmp_path / "models", "default")
+    good = registry.publish(make_model(seed=7), version="v1", make_current=True)
+    bad = registry.publish(make_model(seed=8), version="v2", make_current=False)
+    weights = {k: v.double() for k, v in _weights(make_model(seed=8)).items()}
+    weights["head.weight"][0, 0] = 1e39
+    save_file(weights, str(registry.path(bad) / WEIGHTS))
+    _rewrite_checksums(registry.path(bad))
+    with pytest.raises(ArtifactError, match="not finite as torch.float32"):
+        registry.promote(bad)
+    assert registry.current() == good
+
+
+def test_save_refuses_non_finite_weights(tmp_path: Path) -> None:
+    model = make_model(seed=7)
+    with torch.no_grad():
+        model.lstm.weight_hh_l0[0, 0] = float("inf")
+    with pytest.raises(ArtifactError, match="weight_hh_l0"):
+        save_artifact(tmp_path / "m", model, version="v1")

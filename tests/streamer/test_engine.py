@@ -124,3 +124,35 @@ def test_swap_reset_and_keep_policies() -> None:
     assert not engine.store.h.any()
     with pytest.raises(ValueError, match="state shape"):
         engine.swap_model(make_model(hidden=8), "keep")
+
+
+def test_a_key_whose_step_overflows_keeps_its_state_while_others_advance() -> None:
+    """State guard: in one batch, key a's overflowing event leaves a's state (h, c, previous
+    event, re-warm window) as it was and its predictions NaN; key b advances as usual."""
+    spec = default_spec("generic", n_features=4).with_stats([0.0] * 4, [1e-3] * 4)
+    model = _make_model(spec=spec, seed=7, device=TEST_DEVICE)
+    engine = Engine(model, _store(model))
+    store = engine.store
+    good = np.array([[0.5, -1.0, 2.0, 0.25]])
+    engine.process(["a", "b"], [0, 0], np.vstack([good, good]), np.array([1.0, 1.0]), 0.0)
+    slot_a = int(store.assign(["a"], np.array([0]), 0.0)[0][0])
+    before = {n: getattr(store, n)[slot_a].clone() for n in ("prev_raw", "prev_ts", "win",
+                                                              "win_len", "win_next")}
+    h_a, c_a = store.h[:, slot_a].clone(), store.c[:, slot_a].clone()
+    bad = np.array([[3e38, -3e38, 3e38, -3e38]])
+    raw = np.vstack([good, bad, good, good])
+    preds, _ = engine.process(["a", "a", "b", "a"], [0] * 4, raw, np.array([2.0, 3.0, 2.0, 4.0]),
+                              0.0)
+    assert np.isnan(preds[[0, 1, 3]]).all() and np.isfinite(preds[2]).all()
+    assert_close(store.h[:, slot_a], h_a)
+    assert_close(store.c[:, slot_a], c_a)
+    for name, value in before.items():
+        assert torch.equal(getattr(store, name)[slot_a], value), name
+    # b matches the reference that saw only b's events.
+    expected = reference_predictions(model, ["b", "b"], np.vstack([good, good]),
+                                     np.array([1.0, 2.0]))
+    np.testing.assert_allclose(preds[2], expected[1], rtol=1e-5, atol=1e-6)
+    # a goes on from its last good state, as if the batch had not happened.
+    nxt, _ = engine.process(["a"], [0], good, np.array([5.0]), 0.0)
+    ref = reference_predictions(model, ["a", "a"], np.vstack([good, good]), np.array([1.0, 5.0]))
+    np.testing.assert_allclose(nxt[0], ref[1], rtol=1e-5, atol=1e-6)

@@ -170,3 +170,43 @@ def test_unreadable_current_pointer_falls_back_too(tmp_path: Path) -> None:
     (registry.dir / CURRENT).write_text("../../etc/passwd\n")
     artifact, refused, reasons = registry.load_serving()
     assert artifact.metadata.version == good and refused == CURRENT and reasons
+
+
+def test_incomplete_version_is_retried_until_its_weights_arrive(
+    topics: Topics, tmp_path: Path
+) -> None:
+    """CURRENT names a version whose weights file arrives later (a file-by-file sync): the
+    running streamer retries it with backoff and then serves it, as a fresh start would."""
+    registry = Registry(tmp_path / "registry")
+    good = registry.publish(make_model(seed=1), make_current=True)
+    late = registry.publish(make_model(seed=3))
+    weights = registry.path(late) / "model.safetensors"
+    parked = tmp_path / "in-transit.safetensors"
+    weights.rename(parked)  # the sync has not copied it yet
+    settings = settings_for(topics, tmp_path / "registry", registry_poll_s=0.05)
+    with running_service(settings) as service:
+        (registry.dir / CURRENT).write_text(late)
+        _wait(lambda: sample(scrape(service.http.port)[1], "streamer_model_swaps_total",
+                             'outcome="refused"') >= 1)
+        assert service.version == good
+        time.sleep(2.0)  # the weights arrive 2 s later
+        parked.rename(weights)
+        _wait(lambda: service.version == late)
+        text = scrape(service.http.port)[1]
+    assert sample(text, "streamer_model_swaps_total", 'outcome="retried"') >= 1
+    assert sample(text, "streamer_model_swaps_total", 'outcome="success"') == 1
+    assert sample(text, "streamer_model_info", f'version="{late}"') == 1
+
+
+def test_a_newer_version_replaces_one_being_retried(topics: Topics, tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry")
+    registry.publish(make_model(seed=1), make_current=True)
+    stuck = registry.publish(make_model(seed=3))
+    (registry.path(stuck) / "model.safetensors").unlink()
+    settings = settings_for(topics, tmp_path / "registry", registry_poll_s=0.05)
+    with running_service(settings) as service:
+        (registry.dir / CURRENT).write_text(stuck)
+        _wait(lambda: sample(scrape(service.http.port)[1], "streamer_model_swaps_total",
+                             'outcome="refused"') >= 1)
+        newer = registry.publish(make_model(seed=5), make_current=True)
+        _wait(lambda: service.version == newer, timeout_s=10)

@@ -218,6 +218,7 @@ def test_secret_not_leaked_and_security_kwargs(monkeypatch: pytest.MonkeyPatch) 
     assert s.kafka_security_kwargs() == {
         "security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
         "sasl_plain_username": "svc", "sasl_plain_password": "hunter2",
+        "ssl_check_hostname": True,
     }
 
 
