@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from streamer.features import compute_features
+from streamer.features import FeatureSpec, compute_features, normalize_steps, to_value
 from streamer.model import LSTMModel
 from streamer.state import StateStore
 
@@ -74,20 +74,32 @@ class Engine:
         prev_ts = torch.cat([store.prev_ts[slots].unsqueeze(1), ts_pad[:, :-1]], dim=1)
         has_prev = torch.ones(u, width, dtype=torch.bool, device=raw.device)
         has_prev[:, 0] = store.has_prev[slots]
-        x = compute_features(self.spec, raw_pad, ts_pad, prev_raw, prev_ts, has_prev)
+        spec = self.spec
+        feats = compute_features(spec, raw_pad, ts_pad, prev_raw, prev_ts, has_prev, torch.float64)
+        valid = torch.arange(width, device=raw.device)[None, :] < lengths[:, None]
+        x, loc, scale, stats, count = normalize_steps(
+            spec, feats, raw_pad, prev_raw, has_prev, store.stats[slots], store.count[slots], valid
+        )
         y, h, c = self.model.forward_padded(
             x, torch.from_numpy(plan.lengths), store.h[:, slots], store.c[:, slots],
             enforce_sorted=True,
         )
         store.h[:, slots] = h
         store.c[:, slots] = c
+        store.stats[slots] = stats
+        store.count[slots] = count
         last = torch.arange(u, device=raw.device) * width + lengths - 1  # [U] flat index
         store.prev_raw[slots] = raw_pad.view(u * width, r)[last]
         store.prev_ts[slots] = ts_pad.view(-1)[last]
         store.has_prev[slots] = True
         self._append_window(x.view(u * width, -1), window_pos.long(), slots, lengths, width)
-        out = y.view(u * width, -1)[pos]
-        return self.model.to_prediction(out)
+        out = self.model.to_prediction(y.view(u * width, -1)[pos])
+        col = spec.target_raw_column
+        if self.model.config.task == "classification" or col is None:
+            return out
+        value = to_value(spec, out[:, 0].double(), raw[:, col], loc.view(-1)[pos],
+                         scale.view(-1)[pos])
+        return value.to(torch.float32).unsqueeze(-1)
 
     def _append_window(
         self, x: torch.Tensor, window_pos: torch.Tensor, slots: torch.Tensor,
@@ -108,15 +120,19 @@ class Engine:
 
         rewarm: replay each key's buffered window through the new model from zeros;
         reset: start every key from zeros; keep: keep states (only when the shapes match).
+        A model with another number of layers or hidden size gets a re-allocated state store
+        (h and c of the new shape) and its keys re-warmed; ``keep`` is then refused.
         Returns the number of keys re-warmed.
         """
         old = self.model.config
         new = model.config
-        same_features = model.spec.names == self.spec.names and model.spec.kind == self.spec.kind
-        if not same_features:
+        if not same_features(model.spec, self.spec):
             raise ValueError("the new model reads different features; start a new deployment")
-        if (new.num_layers, new.hidden_size) != (old.num_layers, old.hidden_size):
-            raise ValueError("the new model's state shape differs from the state store's")
+        reshaped = (new.num_layers, new.hidden_size) != (old.num_layers, old.hidden_size)
+        if reshaped and policy == "keep":
+            raise ValueError("the new model's state shape differs: keep is impossible, use rewarm")
+        if reshaped:
+            self.store.reshape(new.num_layers, new.hidden_size)
         self.model, self.spec = model.eval(), model.spec
         if policy == "keep":
             return 0
@@ -138,6 +154,12 @@ class Engine:
             store.h[:, slots] = h
             store.c[:, slots] = c
         return int(live.numel())
+
+
+def same_features(a: FeatureSpec, b: FeatureSpec) -> bool:
+    """True when two specs compute the same model inputs and per-key state from events (the
+    global normalization stats and the target may differ)."""
+    return (a.kind, a.names, a.extras, a.half_life) == (b.kind, b.names, b.extras, b.half_life)
 
 
 class _Plan:

@@ -25,25 +25,17 @@ from prometheus_client import CollectorRegistry
 
 from streamer.artifact import Artifact
 from streamer.engine import Engine
-from streamer.errors import ConfigError
 from streamer.events import DecodedBatch, Message, decode_batch
 from streamer.hotswap import ModelWatcher, open_model_source
 from streamer.kafka_edge import KafkaEdge
 from streamer.metrics import HealthState, Metrics, MetricsServer
+from streamer.model import resolve_device
 from streamer.settings import StreamerSettings
 from streamer.state import StateStore
 
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 1.0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "cuda was asked for but torch sees no CUDA device")
-    return torch.device(name)
 
 
 class Service:
@@ -59,10 +51,8 @@ class Service:
         self.device = device
         self.version = artifact.metadata.version
         model = artifact.model
-        self.store = StateStore(
-            model.config.num_layers, model.config.hidden_size, model.spec.raw_width,
-            model.spec.n_features, settings.capacity, settings.window, device,
-            settings.key_ttl_s,
+        self.store = StateStore.for_model(
+            model, settings.capacity, settings.window, device, settings.key_ttl_s
         )
         self.engine = Engine(model, self.store)
         self.watcher = watcher
@@ -166,13 +156,19 @@ class Service:
         assert self.edge is not None
         topic, version, emitted_at = self.settings.output_topic, self.version, time.time()
         send, dumps = self.edge.send, json.dumps
+        col = self.engine.spec.target_raw_column  # predicted change = prediction - last value
+        changes = preds[:, 0] - decoded.raw[:, col] if col is not None and (
+            self.engine.model.config.task == "regression") else None
         for j, (i, key) in enumerate(zip(decoded.index, decoded.keys, strict=True)):
             msg = batch[i]
-            value = dumps({
+            record = {
                 "key": key, "ts": decoded.ts_raw[j], "partition": msg.partition,
                 "offset": msg.offset, "prediction": preds[j].tolist(),
                 "model_version": version, "emitted_at": emitted_at,
-            }, separators=(",", ":"))
+            }
+            if changes is not None:
+                record["change"] = [float(changes[j])]
+            value = dumps(record, separators=(",", ":"))
             send(topic, key.encode(), value.encode())
 
     def _dead_letter(self, batch: Sequence[Message], decoded: DecodedBatch) -> None:
