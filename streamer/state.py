@@ -3,9 +3,9 @@
 One slot holds everything a key needs between events: the LSTM's h and c for every layer, the
 previous raw observation that features depend on, the key's normalization statistics and
 event count (``stats``, ``count``: see ``streamer.features.normalize_steps``), and a ring buffer
-of the last W model inputs (so a hot-swapped model can re-warm the key). Slots are recycled: least recently used
-keys are evicted at capacity, idle keys after an optional TTL, and a partition's keys when the
-partition is revoked. A new or evicted key starts from zeros.
+of the last W model inputs (so a hot-swapped model can re-warm the key). Slots are recycled:
+least recently used keys are evicted at capacity, idle keys after an optional TTL, and a
+partition's keys when the partition is revoked. A new or evicted key starts from zeros.
 
 Usage::
 

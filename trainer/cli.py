@@ -44,7 +44,8 @@ from trainer.settings import REGISTRY_FIELDS, TrainerSettings
 log = logging.getLogger("trainer")
 
 _INIT_FIELDS = REGISTRY_FIELDS + (
-    "kind", "features", "readings", "target", "task", "flat_band", "hidden", "layers",
+    "kind", "features", "readings", "target", "target_kind", "extras", "half_life", "task",
+    "flat_band", "hidden", "layers",
     "dropout", "seed",
 )
 _NOT_TRAINING = ("metrics_address", "pushgateway")
@@ -107,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
+    # Tables of candidates and baselines are wide: don't squeeze them into 80 columns in a
+    # pipe or a log file.
+    console = Console() if sys.stdout.isatty() else Console(width=140)
     try:
         settings = settings_from_args(TrainerSettings, args)
         logging.basicConfig(level=settings.log_level, stream=sys.stderr,
@@ -129,11 +132,15 @@ def cmd_init(settings: TrainerSettings, args: argparse.Namespace, console: Conso
     if settings.depth is None or len(settings.hidden_sizes) != 1:
         raise ConfigError("layers", "init needs one depth and one hidden size, not auto/lists")
     kind = settings.kind or "generic"
-    spec = default_spec(kind, settings.features or 8,
-                        settings.reading_names or ("temp", "vibration", "pressure"),
-                        settings.target)
-    config = ModelConfig(input_size=spec.n_features, hidden_size=settings.hidden_sizes[0],
-                         num_layers=settings.depth, dropout=settings.dropout,
+    if kind == "tick":
+        spec = default_spec(kind, target=settings.target)
+    else:
+        spec = default_spec(kind, settings.features or 8,
+                            settings.reading_names or ("temp", "vibration", "pressure"),
+                            settings.target, settings.target_kind or "change",
+                            settings.extra_names, settings.half_life)  # type: ignore[arg-type]
+    config = ModelConfig(input_size=spec.n_inputs, hidden_size=settings.hidden_sizes[0],
+                         num_layers=settings.depth, dropout=settings.dropouts[0],
                          task=settings.task, flat_band=settings.flat_band)
     torch.manual_seed(settings.seed)
     model = LSTMModel(config, spec).eval()

@@ -32,7 +32,13 @@ import torch
 
 from streamer.errors import BadEvent, ConfigError, KafkaEdgeError
 from streamer.events import MILLIS_THRESHOLD, Message, decode
-from streamer.features import EventKind, FeatureSpec, default_spec, sequence_features
+from streamer.features import (
+    EventKind,
+    FeatureSpec,
+    TargetKind,
+    default_spec,
+    sequence_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -274,12 +280,20 @@ def resolve_spec(
     readings: Sequence[str] | None = None,
     target: str | None = None,
     base: FeatureSpec | None = None,
+    target_kind: TargetKind | None = None,
+    extras: Sequence[str] = (),
+    half_life: float | None = None,
 ) -> FeatureSpec:
     """The feature layout to decode with: explicit arguments, else ``base`` (the production
-    model's spec, so a retrained model stays swappable), else the first event's shape."""
+    model's spec, so a retrained model stays swappable), else the first event's shape.
+
+    ``target`` may be a name (``v0``, ``temp``), ``values[i]`` or ``i``. Generic and sensor
+    specs get ``extras``, ``half_life`` and ``target_kind`` (default ``change``); ticks keep
+    their fixed features."""
     explicit = n_features is not None or bool(readings)
     if base is not None and kind in (None, base.kind) and not explicit:
         spec = base
+        target_kind = target_kind or base.target_kind
     else:
         need_sample = kind is None or (kind == "generic" and n_features is None) or (
             kind == "sensor" and not readings)
@@ -291,13 +305,38 @@ def resolve_spec(
             readings = tuple(sample.get("readings") or ()) or None
         if (kind == "generic" and not n_features) or (kind == "sensor" and not readings):
             raise ConfigError("kind", f"cannot tell the {kind} event layout from the data")
-        spec = default_spec(kind, n_features or 1, tuple(readings or ("x",)))
-    if target is None or target == spec.target:
+        if kind == "tick":
+            spec = default_spec(kind)
+        else:
+            spec = default_spec(kind, n_features or 1, tuple(readings or ("x",)),
+                                extras=tuple(extras),  # type: ignore[arg-type]
+                                half_life=half_life)
+    target = _target_name(target, spec)
+    changes: dict[str, Any] = {}
+    if target is not None and target != spec.target:
+        changes["target"] = target
+    if spec.kind != "tick" and (target_kind or "change") != spec.target_kind:
+        changes["target_kind"] = target_kind or "change"
+    if not changes:
         return spec
     try:
-        return FeatureSpec.model_validate({**spec.model_dump(), "target": target})
+        return FeatureSpec.model_validate({**spec.model_dump(), **changes})
     except ValueError as exc:
         raise ConfigError("target", f"{target!r} is not one of {list(spec.names)}") from exc
+
+
+def _target_name(target: str | None, spec: FeatureSpec) -> str | None:
+    """``values[i]`` and ``i`` name the i-th value; a name is kept as given."""
+    if target is None:
+        return None
+    match = re.fullmatch(r"\s*(?:values\[(\d+)\]|(\d+))\s*", target)
+    if match is None or target in spec.names:
+        return target
+    i = int(match.group(1) or match.group(2))
+    if i >= len(spec.names):
+        raise ConfigError("target", f"{target!r}: there are {len(spec.names)} values "
+                          f"({list(spec.names)})")
+    return spec.names[i]
 
 
 def _first_object(records: Iterable[Message]) -> dict[str, Any]:
@@ -323,7 +362,7 @@ def _infer_kind(sample: dict[str, Any]) -> EventKind:
 
 @dataclass
 class KeySeries:
-    ts: np.ndarray  # [T] float64 epoch seconds, non-decreasing
+    ts: np.ndarray  # [T] float64 epoch seconds, in arrival order (late events stay late)
     raw: np.ndarray  # [T, R] float64 raw vectors (the spec's layout)
 
 
@@ -382,6 +421,7 @@ def decode_history(
     for key, events in keys.items():
         ts = np.fromiter((t for t, _ in events), dtype=np.float64, count=len(events))
         raw = np.asarray([r for _, r in events], dtype=np.float64).reshape(-1, spec.raw_width)
-        order = np.argsort(ts, kind="stable")  # Kafka order per partition, time order per key
-        series[key] = KeySeries(ts[order], raw[order])
+        # Record (offset) order per key, as the streamer serves them: a late event is not
+        # moved back in time; its time delta is clamped to 0 (streamer.features).
+        series[key] = KeySeries(ts, raw)
     return History(spec, series, skipped, dict(source or {}))

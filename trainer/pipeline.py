@@ -13,6 +13,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -25,20 +26,15 @@ from rich.table import Table
 from streamer.artifact import Artifact, load_artifact, save_artifact
 from streamer.errors import ArtifactError
 from streamer.features import FeatureSpec
+from streamer.model import resolve_device
 from streamer.registry import Registry, new_version_name
 from trainer.data import History, decode_history, parse_offsets, parse_time, read_files, read_topic
 from trainer.data import resolve_spec as _resolve_spec
+from trainer.dataset import Dataset, build_dataset
 from trainer.evaluate import GateDecision, evaluate, for_metadata, gate, render
+from trainer.search import TrainResult, train_model
 from trainer.settings import TrainerSettings
-from trainer.train import (
-    Candidate,
-    Dataset,
-    TrainOptions,
-    TrainResult,
-    build_dataset,
-    resolve_device,
-    train_model,
-)
+from trainer.train import Candidate, TrainOptions
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +43,8 @@ def options_from(settings: TrainerSettings) -> TrainOptions:
     return TrainOptions(
         task=settings.task, flat_band=settings.flat_band, hidden=settings.hidden_sizes,
         layers=settings.depth, epochs=settings.epochs, seq_len=settings.seq_len,
-        batch_keys=settings.batch_keys, lr=settings.lr, weight_decay=settings.weight_decay,
-        dropout=settings.dropout, patience=settings.patience, clip=settings.clip,
+        batch_keys=settings.batch_keys, lr=settings.lr, weight_decay=settings.weight_decays,
+        dropout=settings.dropouts, patience=settings.patience, clip=settings.clip,
         seed=settings.seed, tolerance=settings.tolerance,
     )
 
@@ -79,7 +75,8 @@ def load_history(
             "offsets": {str(p): list(r) for p, r in sliced.offsets.items()},
         }
     spec = _resolve_spec(records, settings.kind, settings.features, settings.reading_names,
-                         settings.target, base)
+                         settings.target, base, settings.target_kind, settings.extra_names,
+                         settings.half_life)
     history = decode_history(records, spec, now, source=source)
     log.info("history: %d events over %d keys (%d skipped)", history.n_events,
              len(history.series), sum(history.skipped.values()))
@@ -135,17 +132,16 @@ def run_training(
     registry = Registry(settings.registry, settings.model_name)
     current = _current(registry)
     history = load_history(settings, files, current.model.spec if current else None)
-    data = build_dataset(history, settings.val_fraction)
+    data = build_dataset(history, settings.val_fraction, settings.test_fraction)
     options = _inherit(options_from(settings), settings, current)
     training = train_model(data, options, resolve_device(settings.device), progress, console)
     production = current.model if current else None
     report = evaluate(
         data, {"candidate": training.model, "production": production}, task=options.task,
         flat_band=options.flat_band, ar_order=settings.ar_order, ma_window=settings.ma_window,
+        season=settings.season,
     )
-    problems = _shape_problems(training, current)
-    decision = gate(report, force=force, has_production=current is not None,
-                    extra_problems=problems)
+    decision = gate(report, force=force, has_production=current is not None)
     data_range = {**history.data_range(), **data.split}
     metrics = {
         "evaluation": for_metadata(report),
@@ -186,19 +182,6 @@ def _inherit(options: TrainOptions, settings: TrainerSettings, current: Artifact
     return replace(options, **changes)
 
 
-def _shape_problems(training: TrainResult, current: Artifact | None) -> list[str]:
-    """A running streamer keeps per-key state shaped [layers, keys, hidden]; a version with
-    another shape cannot be hot-swapped in, so it must not silently become current."""
-    if current is None:
-        return []
-    old, new = current.model.config, training.model.config
-    if (old.num_layers, old.hidden_size) == (new.num_layers, new.hidden_size):
-        return []
-    return [f"state shape layers={new.num_layers} hidden={new.hidden_size} differs from the "
-            f"current model's layers={old.num_layers} hidden={old.hidden_size}; a running "
-            "streamer cannot hot-swap it (use --force and restart the streamer)"]
-
-
 def evaluate_version(
     settings: TrainerSettings,
     files: Sequence[Path] = (),
@@ -213,12 +196,12 @@ def evaluate_version(
     current = _current(registry)
     same = current is not None and current.metadata.version == art.metadata.version
     history = load_history(settings, files, art.model.spec)
-    data = build_dataset(history, settings.val_fraction)
+    data = build_dataset(history, settings.val_fraction, settings.test_fraction)
     cfg = art.model.config
     return evaluate(
         data, {"candidate": art.model, "production": None if same else _model(current)},
         task=cfg.task, flat_band=cfg.flat_band, ar_order=settings.ar_order,
-        ma_window=settings.ma_window,
+        ma_window=settings.ma_window, season=settings.season,
     )
 
 
@@ -230,12 +213,15 @@ def _model(art: Artifact | None) -> Any:
 
 
 def candidates_table(candidates: Sequence[Candidate]) -> Table:
-    table = Table(title="candidates (smallest within tolerance of the best val loss wins)")
-    for col in ("layers", "hidden", "params", "val loss", "score", "epochs", ""):
+    table = Table(title="candidates: the smallest within tolerance of the best val loss wins",
+                  caption="epochs: the best epoch (weights kept) / epochs run before stopping")
+    metric = next(iter(candidates[0].score), "score") if candidates else "score"
+    for col in ("layers", "hidden", "dropout", "decay", "params", "val loss", f"val {metric}",
+                "epochs", ""):
         table.add_column(col, justify="right")
     for c in candidates:
-        score = ", ".join(f"{k} {v:.4g}" for k, v in c.score.items())
-        table.add_row(str(c.layers), str(c.hidden), str(c.params), f"{c.val_loss:.5f}", score,
+        table.add_row(str(c.layers), str(c.hidden), f"{c.dropout:g}", f"{c.weight_decay:g}",
+                      str(c.params), f"{c.val_loss:.4f}", f"{c.score.get(metric, math.nan):.4g}",
                       f"{c.best_epoch}/{c.epochs}", "chosen" if c.chosen else "")
     return table
 

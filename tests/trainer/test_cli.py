@@ -64,16 +64,17 @@ def test_bad_settings_exit_2_naming_the_field(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_train_publish_gate_list_promote_rollback(
-    tmp_path: Path, tick_file: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, generic_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = str(tmp_path / "models")
     reg = _registry(tmp_path)
-    assert main(["init", "--kind", "tick", "--hidden", "16", "--layers", "1",
+    assert main(["init", "--features", "4", "--hidden", "16", "--layers", "1",
                  "--registry", root]) == 0
     untrained = reg.current()
 
-    # A trained model beats the untrained current one and persistence: published.
-    assert main(["train", "--input", str(tick_file), "--registry", root, *FAST]) == 0
+    # A trained model beats the untrained current one and the best baseline on the test
+    # window: published.
+    assert main(["train", "--input", str(generic_file), "--registry", root, *FAST]) == 0
     out = capsys.readouterr().out
     trained = reg.current()
     assert trained != untrained and "gate passes" in out and "persistence" in out
@@ -84,7 +85,7 @@ def test_train_publish_gate_list_promote_rollback(
     assert meta.data_range is not None and meta.data_range["events"] == 6000
 
     # A worse candidate (no training at all) is refused; the current version stays.
-    worse = ["train", "--input", str(tick_file), "--registry", root, *FAST, "--epochs", "0"]
+    worse = ["train", "--input", str(generic_file), "--registry", root, *FAST, "--epochs", "0"]
     assert main(worse) == 0
     assert "refused" in capsys.readouterr().out and reg.current() == trained
     assert len(reg.versions()) == 2
@@ -102,23 +103,24 @@ def test_train_publish_gate_list_promote_rollback(
     assert main(["promote", "v-nope", "--registry", root]) == 1
 
 
-def test_a_different_state_shape_is_refused_unless_forced(
-    tmp_path: Path, small_tick_file: Path, capsys: pytest.CaptureFixture[str]
+def test_a_candidate_of_another_depth_is_published(
+    tmp_path: Path, generic_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A running streamer re-shapes its state store on a swap, so a new depth may go live."""
     root = str(tmp_path / "models")
-    assert main(["init", "--kind", "tick", "--hidden", "32", "--layers", "2",
+    assert main(["init", "--features", "4", "--hidden", "32", "--layers", "2",
                  "--registry", root]) == 0
     before = _registry(tmp_path).current()
-    assert main(["train", "--input", str(small_tick_file), "--registry", root, *FAST]) == 0
-    assert "cannot hot-swap" in capsys.readouterr().out
-    assert _registry(tmp_path).current() == before
-    # Without shape flags a retrain keeps the current model's shape, so it can go live.
-    assert main(["train", "--input", str(small_tick_file), "--registry", root,
-                 "--epochs", "2", "--device", "cpu", "--no-progress"]) == 0
-    assert "cannot hot-swap" not in capsys.readouterr().out
+    assert main(["train", "--input", str(generic_file), "--registry", root, *FAST]) == 0
+    assert "gate passes" in capsys.readouterr().out
     art = _registry(tmp_path).load()
     assert art.metadata.version != before
-    assert (art.model.config.num_layers, art.model.config.hidden_size) == (2, 32)
+    assert (art.model.config.num_layers, art.model.config.hidden_size) == (1, 16)
+    # Without shape flags a retrain keeps the current model's shape.
+    assert main(["train", "--input", str(generic_file), "--registry", root,
+                 "--epochs", "1", "--device", "cpu", "--no-progress", "--force"]) == 0
+    art = _registry(tmp_path).load()
+    assert (art.model.config.num_layers, art.model.config.hidden_size) == (1, 16)
 
 
 def test_evaluate_prints_and_writes_the_report(
@@ -128,13 +130,14 @@ def test_evaluate_prints_and_writes_the_report(
     assert main(["init", "--kind", "tick", "--hidden", "16", "--layers", "1",
                  "--registry", root]) == 0
     first = _registry(tmp_path).current()
-    assert main(["train", "--input", str(small_tick_file), "--registry", root, *FAST]) == 0
+    assert main(["train", "--input", str(small_tick_file), "--registry", root, *FAST,
+                 "--force"]) == 0
     capsys.readouterr()
     report_path = tmp_path / "report.json"
     assert main(["evaluate", "--input", str(small_tick_file), "--registry", root,
                  "--version", str(first), "--json", str(report_path)]) == 0
     out = capsys.readouterr().out
-    assert "AR(5) per key" in out and "persistence" in out
+    assert "AR(5) on returns" in out and "persistence" in out
     report = json.loads(report_path.read_text())
     assert {"candidate", "production", "persistence"} <= set(report["overall"])
     assert report["per_key"] and report["primary"] == "mae"
