@@ -1,7 +1,8 @@
 """`trainer` console script: init, train, evaluate, list, promote, rollback, schedule.
 
-Exit codes: 0 done (a gate refusal is a normal outcome, not an error), 1 the run failed
-(registry, artifact, Kafka), 2 bad settings or usage.
+Exit codes: 0 done, 1 the run failed (registry, artifact, Kafka), 2 bad settings or usage,
+3 `train`: the gate refused the candidate (nothing was published; the reasons and what to do
+next are printed).
 
     trainer init --kind tick --hidden 64 --layers 2 --registry models
     trainer train --input ticks.jsonl --registry models --layers auto --hidden 32,64
@@ -162,9 +163,16 @@ def cmd_init(settings: TrainerSettings, args: argparse.Namespace, console: Conso
     return 0
 
 
+EXIT_REFUSED = 3
+
+
 def cmd_train(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
-    run_training(settings, args.input, force=args.force, out=args.out, console=console,
-                 progress=_progress(args))
+    run = run_training(settings, args.input, force=args.force, out=args.out, console=console,
+                       progress=_progress(args))
+    if args.out is None and not run.decision.publish:
+        console.print("nothing was published. Next: publish anyway with --force, or keep the "
+                      "candidate with --out DIR and score it with `trainer evaluate --model DIR`")
+        return EXIT_REFUSED
     return 0
 
 

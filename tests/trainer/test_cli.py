@@ -86,8 +86,10 @@ def test_train_publish_gate_list_promote_rollback(
 
     # A worse candidate (no training at all) is refused; the current version stays.
     worse = ["train", "--input", str(generic_file), "--registry", root, *FAST, "--epochs", "0"]
-    assert main(worse) == 0
-    assert "refused" in capsys.readouterr().out and reg.current() == trained
+    assert main(worse) == 3  # a refusal exits 3 and says what to do next
+    printed = capsys.readouterr().out
+    assert "refused" in printed and "--force" in printed and "--out DIR" in printed
+    assert reg.current() == trained
     assert len(reg.versions()) == 2
     # --force overrides the gate and records that it did.
     assert main([*worse, "--force"]) == 0
