@@ -385,6 +385,21 @@ class History:
         x = sequence_features(self.spec, torch.from_numpy(s.raw), torch.from_numpy(s.ts))
         return x.numpy()
 
+    def between(self, since: float | None, until: float | None) -> History:
+        """The events with ``since <= ts < until`` (event time; None: unbounded)."""
+        if since is None and until is None:
+            return self
+        series: dict[str, KeySeries] = {}
+        for key, s in self.series.items():
+            keep = np.ones(len(s.ts), dtype=bool)
+            if since is not None:
+                keep &= s.ts >= since
+            if until is not None:
+                keep &= s.ts < until
+            if keep.any():
+                series[key] = KeySeries(s.ts[keep], s.raw[keep])
+        return History(self.spec, series, self.skipped, self.source)
+
     def data_range(self) -> dict[str, Any]:
         first = min((float(s.ts[0]) for s in self.series.values()), default=math.nan)
         last = max((float(s.ts[-1]) for s in self.series.values()), default=math.nan)

@@ -24,11 +24,19 @@ from rich.console import Console
 from rich.table import Table
 
 from streamer.artifact import Artifact, load_artifact, save_artifact
-from streamer.errors import ArtifactError
+from streamer.errors import ArtifactError, ConfigError
 from streamer.features import FeatureSpec
 from streamer.model import resolve_device
 from streamer.registry import Registry, new_version_name
-from trainer.data import History, decode_history, parse_offsets, parse_time, read_files, read_topic
+from trainer.data import (
+    History,
+    decode_history,
+    iso,
+    parse_offsets,
+    parse_time,
+    read_files,
+    read_topic,
+)
 from trainer.data import resolve_spec as _resolve_spec
 from trainer.dataset import Dataset, build_dataset
 from trainer.evaluate import GateDecision, evaluate, for_metadata, gate, render
@@ -55,31 +63,47 @@ def load_history(
     base: FeatureSpec | None = None,
     now: float | None = None,
 ) -> History:
-    """History from ``files`` if given, else the Kafka topic slice the settings select."""
+    """History from ``files`` if given, else the Kafka topic slice the settings select.
+
+    ``since``/``until`` select events by their own ``ts`` (the Kafka read seeks to ``since`` by
+    record time only to skip old data, and reads to the end offsets); the counts of records read
+    and events kept are logged. No record, or no event in the range, is a ConfigError."""
     now = time.time() if now is None else now
+    since = parse_time(settings.since, now) if settings.since else None
+    until = parse_time(settings.until, now) if settings.until else None
     source: dict[str, Any]
     if files:
         records = read_files(files)
         source = {"source": "files", "files": [str(f) for f in files]}
     else:
-        since = parse_time(settings.since, now) if settings.since else None
-        until = parse_time(settings.until, now) if settings.until else None
         offsets = parse_offsets(settings.from_offsets) if settings.from_offsets else None
         sliced = read_topic(
-            settings.bootstrap_servers, settings.topic, since=since, until=until,
+            settings.bootstrap_servers, settings.topic, since=since, until=None,
             start_offsets=offsets, consumer_config=settings.kafka_security_kwargs(),
         )
         records = sliced.records
         source = {
-            "source": "kafka", "topic": settings.topic, "since": since, "until": until,
+            "source": "kafka", "topic": settings.topic,
             "offsets": {str(p): list(r) for p, r in sliced.offsets.items()},
         }
+    if not records:
+        where = ", ".join(source.get("files", [])) or f"topic {settings.topic}"
+        raise ConfigError("input", f"no records read from {where}; nothing to train on")
+    source.update(since=since, until=until)
     spec = _resolve_spec(records, settings.kind, settings.features, settings.reading_names,
                          settings.target, base, settings.target_kind, settings.extra_names,
                          settings.half_life)
     history = decode_history(records, spec, now, source=source)
-    log.info("history: %d events over %d keys (%d skipped)", history.n_events,
-             len(history.series), sum(history.skipped.values()))
+    decoded = history.n_events
+    history = history.between(since, until)
+    lo = "the start" if since is None else iso(since)
+    hi = "the end" if until is None else iso(until)
+    log.info("history: read %d records, decoded %d events (%d skipped), kept %d events over %d "
+             "keys between %s and %s by event time", len(records), decoded,
+             sum(history.skipped.values()), history.n_events, len(history.series), lo, hi)
+    if history.n_events == 0:
+        raise ConfigError("since", f"none of the {decoded} events read lies between {lo} and "
+                          f"{hi} (event time)")
     return history
 
 

@@ -167,3 +167,30 @@ def test_console_entry_point_runs() -> None:
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0
     assert "TRAINER_REGISTRY" in proc.stdout and "--layers" in proc.stdout
+
+
+def test_since_until_select_by_event_time_and_an_empty_selection_is_an_error(
+    tmp_path: Path, generic_file: Path, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    events = [json.loads(line) for line in generic_file.read_text().splitlines()]
+    ts = sorted(e["ts"] for e in events)
+    since, until = ts[1000], ts[5000]
+    out = tmp_path / "a"
+    with caplog.at_level("INFO", logger="trainer.pipeline"):
+        assert main(["train", "--input", str(generic_file), "--out", str(out), *FAST,
+                     "--since", str(since), "--until", str(until),
+                     "--registry", str(tmp_path / "models")]) == 0
+    kept = sum(since <= t < until for t in ts)
+    assert f"read {len(events)} records" in caplog.text and f"kept {kept} events" in caplog.text
+    meta = load_artifact(out).metadata
+    assert meta.data_range is not None and meta.data_range["events"] == kept
+    assert meta.data_range["first_ts"] >= since and meta.data_range["last_ts"] < until
+
+    assert main(["train", "--input", str(generic_file), "--out", str(tmp_path / "b"), *FAST,
+                 "--since", "2000-01-01", "--until", "2000-01-02"]) == 2
+    assert "none of the 6000 events" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["train", "--input", str(empty), *FAST]) == 2
+    assert "no records read" in capsys.readouterr().err
