@@ -62,7 +62,7 @@ class TrainerSettings(KafkaClientSettings):
         "diff, dt, hour, dow (empty: none)"
     )
     half_life: float | None = Field(
-        168.0, gt=0, description="per-key normalization half-life in events (unset: off)"
+        24.0, gt=0, description="per-key normalization half-life in events (unset: off)"
     )
     season: int | None = Field(
         None, ge=0, description="seasonal naive baseline period in events (unset: detected, 0: off)"
@@ -74,13 +74,13 @@ class TrainerSettings(KafkaClientSettings):
         "regression", description="predict the next value, or its move down/flat/up"
     )
     flat_band: float = Field(0.0, ge=0, description="classification: |move| <= band is flat")
-    epochs: int = Field(30, ge=0, description="most training epochs (early stopping may end)")
+    epochs: int = Field(60, ge=0, description="most training epochs (early stopping may end)")
     hidden: str = Field("64", description="hidden size, or a comma list to try, e.g. 32,64")
     layers: str = Field("2", description="stacked LSTM layers, or auto to try 1, 2 and 3")
     tolerance: float = Field(
         0.01, ge=0, description="auto: keep the smallest model within this relative val loss"
     )
-    seq_len: int = Field(64, gt=0, description="truncated BPTT chunk length in events")
+    seq_len: int = Field(200, gt=0, description="truncated BPTT chunk length in events")
     batch_keys: int = Field(64, gt=0, description="keys per training batch")
     lr: float = Field(3e-3, gt=0, description="Adam learning rate")
     weight_decay: str = Field(
@@ -89,7 +89,7 @@ class TrainerSettings(KafkaClientSettings):
     dropout: str = Field(
         "0.1", description="dropout between stacked layers, or a comma list chosen on validation"
     )
-    patience: int = Field(5, gt=0, description="early stopping: epochs without improvement")
+    patience: int = Field(8, gt=0, description="early stopping: epochs without improvement")
     clip: float = Field(1.0, gt=0, description="gradient norm clipping")
     seed: int = Field(0, description="random seed (weights init and batch order)")
     val_fraction: float = Field(
