@@ -36,7 +36,7 @@ from streamer.metrics import HealthState, MetricsServer
 from streamer.model import LSTMModel, ModelConfig
 from streamer.registry import Registry, new_version_name
 from streamer.settings import add_settings_arguments, settings_from_args, split_host_port
-from trainer.data import parse_duration
+from trainer.data import parse_duration, parse_time
 from trainer.evaluate import render
 from trainer.pipeline import evaluate_version, run_training
 from trainer.schedule import RunSummary, Scheduler, TrainerMetrics
@@ -50,6 +50,12 @@ _INIT_FIELDS = REGISTRY_FIELDS + (
     "dropout", "seed",
 )
 _NOT_TRAINING = ("metrics_address", "pushgateway")
+# Hyperparameters and feature choices: `evaluate` scores a model as it was built.
+_TRAINING_ONLY = (
+    "kind", "features", "readings", "target", "target_kind", "extras", "half_life", "task",
+    "flat_band", "epochs", "hidden", "layers", "tolerance", "seq_len", "batch_keys", "lr",
+    "weight_decay", "dropout", "patience", "clip", "seed", "device", "until",
+)
 
 
 def _exclude(keep: Sequence[str]) -> list[str]:
@@ -84,8 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write the model here instead of the registry")
 
     p = sub.add_parser("evaluate", help="score a version against current and baselines")
-    add_settings_arguments(p, TrainerSettings, exclude=_NOT_TRAINING)
+    add_settings_arguments(p, TrainerSettings, exclude=_NOT_TRAINING + _TRAINING_ONLY)
     _input_args(p)
+    p.add_argument("--from", dest="score_from", metavar="TIME",
+                   help="score exactly the events from this event time on (ISO-8601, epoch or "
+                        "e.g. 2d); the events before it are warm-up")
+    p.add_argument("--until", dest="score_until", metavar="TIME",
+                   help="score events before this event time (with --from)")
     p.add_argument("--version", help="registry version to score (default: current)")
     p.add_argument("--model", type=Path, help="artifact directory to score instead")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
@@ -177,7 +188,13 @@ def cmd_train(settings: TrainerSettings, args: argparse.Namespace, console: Cons
 
 
 def cmd_evaluate(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
-    report = evaluate_version(settings, args.input, version=args.version, model_dir=args.model)
+    try:
+        start = parse_time(args.score_from) if args.score_from else None
+        end = parse_time(args.score_until) if args.score_until else None
+    except ValueError as exc:
+        raise ConfigError("from", str(exc)) from exc
+    report = evaluate_version(settings, args.input, version=args.version, model_dir=args.model,
+                              start=start, end=end)
     render(report, console, max_keys=args.keys)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))

@@ -65,6 +65,20 @@ class Dataset:
     test: np.ndarray  # [K, T] bool: test pair (event t+1 at/after cut 2; empty without one)
     cut: float  # epoch seconds: start of validation
     split: dict[str, Any] = field(default_factory=dict)
+    next_ts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [K, T] ts of t+1
+
+    def score_range(self, start: float | None, end: float | None) -> int:
+        """Make the test window exactly the pairs whose target event has ``start <= ts < end``
+        (the events before stay as warm-up: the model reads them); baselines fit only on pairs
+        before ``start``. Returns the number of pairs in the range."""
+        lo = -np.inf if start is None else start
+        hi = np.inf if end is None else end
+        defined = np.arange(self.next_ts.shape[1])[None, :] < (self.lengths[:, None] - 1)
+        self.test = defined & (self.next_ts >= lo) & (self.next_ts < hi)
+        self.train = self.train & (self.next_ts < lo)
+        self.split = {**self.split, "test_pairs": int(self.test.sum()), "from_ts": start,
+                      "until_ts": end}
+        return int(self.test.sum())
 
     @property
     def moves(self) -> np.ndarray:
@@ -113,6 +127,7 @@ def build_dataset(
     loc, scale = np.zeros((k, t_max)), np.ones((k, t_max))
     masks = {name: np.zeros((k, t_max), dtype=bool) for name in ("train", "val", "test")}
     before = np.zeros((k, t_max), dtype=bool)  # events before the first cut
+    next_ts = np.full((k, t_max), np.inf)
     lengths = np.zeros(k, dtype=np.int64)
     col = spec.target_raw_column
     for i, key in enumerate(keys):
@@ -123,6 +138,7 @@ def build_dataset(
         series = s.raw[:, col] if col is not None else z.numpy()[:, spec.target_index]
         last[i, :n], nxt[i, : n - 1] = series, series[1:]
         after = s.ts[1:]
+        next_ts[i, : n - 1] = after
         before[i, :n] = s.ts < cut
         first = WARMUP if spec.half_life is not None else 0
         masks["train"][i, first : n - 1] = after[first:] < cut
@@ -131,7 +147,7 @@ def build_dataset(
     if not masks["train"].any() or not masks["val"].any():
         raise ConfigError("val_fraction", "the time cut leaves no training or no validation pair")
     data = Dataset(spec, keys, x, lengths, last, nxt, loc, scale, masks["train"], masks["val"],
-                   masks["test"], cut)
+                   masks["test"], cut, next_ts=next_ts)
     mean, std = _stats(x, before)
     data.spec = spec.with_stats(mean, std, _target_stats(data))
     data.split = {

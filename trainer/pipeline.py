@@ -212,15 +212,23 @@ def evaluate_version(
     *,
     version: str | None = None,
     model_dir: Path | None = None,
+    start: float | None = None,
+    end: float | None = None,
 ) -> dict[str, Any]:
     """Score a registry version (default: current) or an artifact dir against the current
-    model and the baselines on the validation window of the given history."""
+    model and the baselines on the test window of the given history, or, with ``start`` /
+    ``end`` (event time), on exactly the events in [start, end), the events before them
+    serving as warm-up."""
     registry = Registry(settings.registry, settings.model_name)
     art = load_artifact(model_dir) if model_dir is not None else registry.load(version)
     current = _current(registry)
     same = current is not None and current.metadata.version == art.metadata.version
     history = load_history(settings, files, art.model.spec)
     data = build_dataset(history, settings.val_fraction, settings.test_fraction)
+    if (start is not None or end is not None) and data.score_range(start, end) == 0:
+        raise ConfigError("from", f"no event to score between "
+                          f"{'the start' if start is None else iso(start)} and "
+                          f"{'the end' if end is None else iso(end)}")
     cfg = art.model.config
     return evaluate(
         data, {"candidate": art.model, "production": None if same else _model(current)},

@@ -194,3 +194,33 @@ def test_since_until_select_by_event_time_and_an_empty_selection_is_an_error(
     empty.write_text("")
     assert main(["train", "--input", str(empty), *FAST]) == 2
     assert "no records read" in capsys.readouterr().err
+
+
+def test_evaluate_scores_exactly_the_range_with_earlier_events_as_warm_up(
+    tmp_path: Path, generic_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "a"
+    assert main(["train", "--input", str(generic_file), "--out", str(out), *FAST,
+                 "--registry", str(tmp_path / "models")]) == 0
+    events = [json.loads(line) for line in generic_file.read_text().splitlines()]
+    ts = sorted(e["ts"] for e in events)
+    start, end = ts[3000], ts[4000]
+    first_of_key: dict[str, float] = {}
+    for e in sorted(events, key=lambda e: e["ts"]):
+        first_of_key.setdefault(e["key"], e["ts"])
+    expected = sum(start <= e["ts"] < end and e["ts"] != first_of_key[e["key"]] for e in events)
+    report_path = tmp_path / "r.json"
+    capsys.readouterr()
+    assert main(["evaluate", "--input", str(generic_file), "--model", str(out),
+                 "--registry", str(tmp_path / "models"), "--from", str(start),
+                 "--until", str(end), "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["overall"]["candidate"]["n"] == expected == 1000
+    assert report["split"]["from_ts"] == start and report["split"]["until_ts"] == end
+    assert "--epochs" not in subprocess.run(
+        [sys.executable, "-m", "trainer", "evaluate", "--help"], capture_output=True, text=True,
+        check=True).stdout
+    assert main(["evaluate", "--input", str(generic_file), "--model", str(out),
+                 "--registry", str(tmp_path / "models"), "--from", "2000-01-01",
+                 "--until", "2000-01-02"]) == 2
+    assert "no event to score" in capsys.readouterr().err
