@@ -35,13 +35,13 @@ from trainer.data import (
     parse_offsets,
     parse_time,
     read_files,
-    read_topic,
 )
 from trainer.data import resolve_spec as _resolve_spec
 from trainer.dataset import Dataset, build_dataset
 from trainer.evaluate import GateDecision, evaluate, for_metadata, gate, render
 from trainer.search import TrainResult, train_model
 from trainer.settings import TrainerSettings
+from trainer.topic import read_topic
 from trainer.train import Candidate, TrainOptions
 
 log = logging.getLogger(__name__)

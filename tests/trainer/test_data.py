@@ -24,9 +24,9 @@ from trainer.data import (
     parse_offsets,
     parse_time,
     read_files,
-    read_topic,
     resolve_spec,
 )
+from trainer.topic import read_topic
 
 
 def test_time_and_offset_arguments() -> None:

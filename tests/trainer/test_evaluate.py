@@ -12,15 +12,14 @@ import torch
 
 from streamer.features import default_spec
 from streamer.model import LSTMModel, ModelConfig
+from trainer.baselines import autoregressive, moving_average
 from trainer.data import History, KeySeries, decode_history, read_files, resolve_spec
 from trainer.dataset import build_dataset
 from trainer.evaluate import (
-    autoregressive,
     classification_metrics,
     evaluate,
     for_metadata,
     gate,
-    moving_average,
     regression_metrics,
 )
 from trainer.search import train_model
