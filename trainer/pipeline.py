@@ -53,7 +53,7 @@ def options_from(settings: TrainerSettings) -> TrainOptions:
         layers=settings.depth, epochs=settings.epochs, seq_len=settings.seq_len,
         batch_keys=settings.batch_keys, lr=settings.lr, weight_decay=settings.weight_decays,
         dropout=settings.dropouts, patience=settings.patience, clip=settings.clip,
-        seed=settings.seed, tolerance=settings.tolerance,
+        seed=settings.seed, tolerance=settings.tolerance, folds=settings.folds,
     )
 
 

@@ -12,11 +12,13 @@ Usage::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from rich.console import Console
 
+from streamer.errors import ConfigError
 from streamer.model import LSTMModel, ModelConfig
 from trainer.dataset import Dataset
 from trainer.progress import training_progress
@@ -53,6 +55,25 @@ def candidate_configs(data: Dataset, options: TrainOptions) -> list[tuple[ModelC
     return out
 
 
+def rolling_origin_folds(data: Dataset, folds: int) -> list[Dataset]:
+    """The ``folds - 1`` earlier backtest splits of a rolling-origin evaluation (the last fold
+    is ``data``'s own train/validation split): the pairs before the validation cut are divided
+    in time; fold j trains on everything before its origin and validates on the next block, so
+    a choice has to hold across seasons, not just in the newest weeks. The test window is never
+    touched. The global normalization stays the one fitted on the full training part."""
+    if folds <= 1:
+        return []
+    times = data.next_ts[data.train]
+    if times.size < 4 * folds:
+        raise ConfigError("folds", f"{times.size} training pairs are too few for {folds} folds")
+    edges = np.quantile(times, np.linspace(0.5, 1.0, folds))  # origins, then the cut
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        out.append(replace(data, train=data.train & (data.next_ts < lo),
+                           val=data.train & (data.next_ts >= lo) & (data.next_ts < hi)))
+    return out
+
+
 def choose(candidates: list[Candidate], tolerance: float) -> int:
     """The smallest candidate whose val loss is within ``tolerance`` (relative) of the best:
     a deeper or wider model has to earn its serving cost with evidence."""
@@ -74,9 +95,15 @@ def train_model(
     configs = candidate_configs(data, options)
     models: list[LSTMModel] = []
     candidates: list[Candidate] = []
+    folds = rolling_origin_folds(data, options.folds)
     with training_progress(progress, options.epochs, console) as bar:
         for config, wd in configs:
+            fold_losses = [fit(fold, config, options, device, bar, weight_decay=wd)[1].val_loss
+                           for fold in folds]
             model, cand = fit(data, config, options, device, bar, weight_decay=wd)
+            if fold_losses:
+                cand.fold_losses = [*fold_losses, cand.val_loss]
+                cand.val_loss = float(np.mean(cand.fold_losses))
             models.append(model.cpu())
             candidates.append(cand)
             log.info("candidate layers=%d hidden=%d dropout=%g wd=%g val_loss=%.5f %s",

@@ -67,6 +67,10 @@ class TrainerSettings(KafkaClientSettings):
     season: int | None = Field(
         None, ge=0, description="seasonal naive baseline period in events (unset: detected, 0: off)"
     )
+    folds: int = Field(
+        1, ge=1, le=10, description="rolling-origin backtest: choose on the mean val loss of K "
+        "time-ordered folds (1: the validation window alone)"
+    )
     test_fraction: float = Field(
         0.2, ge=0, lt=1, description="share of the newest events held out for the gate's test"
     )

@@ -51,6 +51,7 @@ class TrainOptions:
     clip: float = 1.0
     seed: int = 0
     tolerance: float = 0.01  # auto: within this relative distance of the best val loss
+    folds: int = 1  # rolling-origin backtest folds (1: the validation window alone)
 
 
 # --- scoring on the validation window -------------------------------------------------------
@@ -93,6 +94,7 @@ class Candidate:
     best_epoch: int
     seconds: float
     chosen: bool = False
+    fold_losses: list[float] | None = None  # with --folds: each fold's val loss (last: newest)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -100,7 +102,7 @@ class Candidate:
             "weight_decay": self.weight_decay, "params": self.params,
             "val_loss": self.val_loss, **self.score, "epochs": self.epochs,
             "best_epoch": self.best_epoch, "seconds": round(self.seconds, 3),
-            "chosen": self.chosen,
+            "chosen": self.chosen, "fold_losses": self.fold_losses,
         }
 
 

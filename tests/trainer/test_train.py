@@ -159,3 +159,21 @@ def test_choose_keeps_the_smallest_model_unless_depth_earns_its_cost() -> None:
     clear = [_cand(1, 32, 0.950), _cand(2, 32, 0.800), _cand(3, 32, 0.799)]
     assert choose(clear, tolerance=0.01) == 1
     assert choose(clear, tolerance=0.0) == 2
+
+
+def test_rolling_origin_folds_choose_on_the_mean_over_time_ordered_folds(ticks: History) -> None:
+    from trainer.search import rolling_origin_folds
+
+    data = build_dataset(ticks, val_fraction=0.2, test_fraction=0.2)
+    folds = rolling_origin_folds(data, 3)
+    assert len(folds) == 2
+    for fold in folds:  # train strictly before its validation block; both before the cut
+        assert fold.next_ts[fold.train].max() < fold.next_ts[fold.val].min()
+        assert fold.next_ts[fold.val].max() < data.cut
+        assert not (fold.val & data.test).any()
+    assert folds[0].next_ts[folds[0].val].max() < folds[1].next_ts[folds[1].val].min()
+    opts = TrainOptions(hidden=(8,), layers=1, epochs=2, seq_len=32, folds=3)
+    result = train_model(data, opts)
+    (cand,) = result.candidates
+    assert cand.fold_losses is not None and len(cand.fold_losses) == 3
+    assert cand.val_loss == pytest.approx(float(np.mean(cand.fold_losses)))
