@@ -139,7 +139,7 @@ def test_schedule_cli_pushes_to_a_pushgateway(
     code = main([
         "schedule", "--every", "0.2s", "--max-runs", "2", "--input", str(generic_file),
         "--registry", str(tmp_path / "models"), "--hidden", "16", "--layers", "1",
-        "--epochs", "3", "--device", "cpu", "--pushgateway", url,
+        "--epochs", "3", "--seq-len", "32", "--device", "cpu", "--pushgateway", url,
     ])
     assert code == 0
     assert len(received) == 2
