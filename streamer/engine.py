@@ -7,6 +7,11 @@ the same arithmetic as stepping each event in turn, which the tests prove agains
 reference. Host work is index bookkeeping in numpy; the device gets one float64 buffer in and
 gives one prediction tensor back.
 
+Features, per-key normalization (statistics in the state store next to h and c) and the step
+from the model's output to the predicted next value come from ``streamer.features``, the code
+the trainer runs, so a streamed prediction equals the trainer's offline one (tests prove it for
+every target kind).
+
 No Kafka, HTTP or metrics here: the service times and counts from outside.
 
 Usage::
