@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ from streamer.errors import ArtifactError, IncompleteArtifact
 from streamer.features import FeatureSpec
 from streamer.model import LSTMModel, ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: feature spec with target_kind, extras, half_life, target_stats
+READABLE_FORMATS = (1, 2)  # a version 1 spec reads as level target, no extras, no per-key stats
 WEIGHTS = "model.safetensors"
 METADATA = "metadata.json"
 CHECKSUMS = "SHA256SUMS"
@@ -107,15 +109,22 @@ def save_artifact(
 
 
 def read_metadata(directory: Path) -> ArtifactMetadata:
+    """The metadata of an artifact of format version 1 or 2; a newer format is refused with a
+    message naming both versions (before its unknown fields could confuse validation)."""
     try:
-        meta = ArtifactMetadata.model_validate_json((directory / METADATA).read_bytes())
-    except (OSError, ValidationError) as exc:
+        blob = (directory / METADATA).read_bytes()
+        version = json.loads(blob).get("format_version")
+    except (OSError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"{directory}: unreadable metadata: {exc}") from exc
-    if meta.format_version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise ArtifactError(
-            f"{directory}: format version {meta.format_version}, this code reads {FORMAT_VERSION}"
+            f"{directory}: artifact format version {version}, this code reads format versions "
+            f"{', '.join(map(str, READABLE_FORMATS))}; upgrade the streamer or retrain"
         )
-    return meta
+    try:
+        return ArtifactMetadata.model_validate_json(blob)
+    except ValidationError as exc:
+        raise ArtifactError(f"{directory}: unreadable metadata: {exc}") from exc
 
 
 def verify_checksums(directory: Path) -> None:

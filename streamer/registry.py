@@ -331,5 +331,9 @@ def resolve_model_path(path: Path, name: str = "default") -> tuple[Path, Registr
     registry = Registry(path, name)
     current = registry.current_path()
     if current is None:
-        raise RegistryError(f"{registry}: no current version; run `trainer init` or train one")
+        raise RegistryError(
+            f"{registry}: no current version; no version was published yet. Publish one with "
+            f"`trainer train --input HISTORY.jsonl --registry {path} --model-name {name}` "
+            f"(or an untrained one with `trainer init --registry {path}`)"
+        )
     return current, registry

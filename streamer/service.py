@@ -25,11 +25,12 @@ from prometheus_client import CollectorRegistry
 
 from streamer.artifact import Artifact
 from streamer.engine import Engine
-from streamer.errors import ConfigError, KafkaEdgeError, KafkaUnavailable
+from streamer.errors import KafkaEdgeError, KafkaUnavailable
 from streamer.events import DecodedBatch, Message, decode_batch
 from streamer.hotswap import ModelWatcher, open_model_source
 from streamer.kafka_edge import KafkaEdge, Record
 from streamer.metrics import HealthState, Metrics, MetricsServer
+from streamer.model import resolve_device
 from streamer.settings import StreamerSettings
 from streamer.state import StateStore
 
@@ -40,14 +41,6 @@ NON_FINITE_OUTPUT = "non_finite_output"  # dead-letter reason: the model step ov
 REFUSED_BY_BROKER = "refused_by_broker"  # dead-letter reason: the output record was refused
 DLQ_OVERHEAD = 1024  # bytes kept free under max_request_size for record and batch framing
 REFUSED_VALUE_BYTES = 16 * 1024  # value kept in the dead letter that replaces a refused record
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "cuda was asked for but torch sees no CUDA device")
-    return torch.device(name)
 
 
 class Service:
@@ -63,10 +56,8 @@ class Service:
         self.device = device
         self.version = artifact.metadata.version
         model = artifact.model
-        self.store = StateStore(
-            model.config.num_layers, model.config.hidden_size, model.spec.raw_width,
-            model.spec.n_features, settings.capacity, settings.window, device,
-            settings.key_ttl_s,
+        self.store = StateStore.for_model(
+            model, settings.capacity, settings.window, device, settings.key_ttl_s
         )
         self.engine = Engine(model, self.store)
         self.watcher = watcher
@@ -251,6 +242,9 @@ class Service:
         assert self.edge is not None
         topic, version, emitted_at = self.settings.output_topic, self.version, time.time()
         send, dumps = self.edge.send, json.dumps
+        col = self.engine.spec.target_raw_column  # predicted change = prediction - last value
+        changes = preds[:, 0] - decoded.raw[:, col] if col is not None and (
+            self.engine.model.config.task == "regression") else None
         finite = np.isfinite(preds).all(axis=1).tolist()
         emitted = 0
         for j, (i, key) in enumerate(zip(decoded.index, decoded.keys, strict=True)):
@@ -261,11 +255,14 @@ class Service:
                     f"offset {msg.offset}; the key keeps its last good state"),
                     [("dlq.key", key.encode()), ("dlq.model.version", version.encode())])
                 continue
-            value = dumps({
+            record = {
                 "key": key, "ts": decoded.ts_raw[j], "partition": msg.partition,
                 "offset": msg.offset, "prediction": preds[j].tolist(),
                 "model_version": version, "emitted_at": emitted_at,
-            }, separators=(",", ":"), allow_nan=False)
+            }
+            if changes is not None:
+                record["change"] = [float(changes[j])]
+            value = dumps(record, separators=(",", ":"), allow_nan=False)
             send(topic, key.encode(), value.encode(), None, msg)
             emitted += 1
         return emitted

@@ -112,7 +112,7 @@ def test_save_then_load_round_trips_predictions_and_metadata(
     meta = art.metadata
     assert meta == saved
     assert art.path == tmp_path / "a"
-    assert meta.format_version == FORMAT_VERSION == 1
+    assert meta.format_version == FORMAT_VERSION == 2
     assert meta.version == "v7"
     assert (meta.model.input_size, meta.model.hidden_size, meta.model.num_layers) == (n, 16, 2)
     assert meta.task == task and meta.model.task == task
@@ -144,7 +144,7 @@ def test_save_then_load_round_trips_predictions_and_metadata(
 
 def test_metadata_file_is_plain_json_with_the_rebuild_fields(artifact_dir: Path) -> None:
     meta = json.loads((artifact_dir / METADATA).read_text())
-    assert meta["format_version"] == 1 and meta["version"] == "v-test-1"
+    assert meta["format_version"] == 2 and meta["version"] == "v-test-1"
     assert meta["model"]["hidden_size"] == 16 and meta["model"]["num_layers"] == 2
     assert meta["features"]["kind"] == "generic" and len(meta["features"]["mean"]) == 4
     assert {"created_at", "code_version", "metrics", "seed", "data_range"} <= set(meta)
@@ -286,11 +286,30 @@ def test_missing_directory_is_refused(tmp_path: Path) -> None:
     _refusal(tmp_path / "nowhere", "unreadable", CHECKSUMS)
 
 
-@pytest.mark.parametrize("version", [0, 2, 99])
+@pytest.mark.parametrize("version", [0, 3, 99])
 def test_unsupported_format_version_is_refused(artifact_dir: Path, version: int) -> None:
-    _edit_metadata(artifact_dir, {"format_version": version})
+    _edit_metadata(artifact_dir, {"format_version": version, "features.new_thing": 1})
     _rewrite_checksums(artifact_dir)
-    _refusal(artifact_dir, f"format version {version}", f"reads {FORMAT_VERSION}")
+    _refusal(artifact_dir, f"format version {version}", "reads format versions 1, 2")
+
+
+def test_a_format_version_1_artifact_still_loads_and_predicts_the_same(
+    artifact_dir: Path,
+) -> None:
+    """Version 1 had no target_kind, extras, half_life or target_stats: it reads as a level
+    target without extras or per-key statistics, exactly the model it was."""
+    before = load_artifact(artifact_dir)
+    meta = json.loads((artifact_dir / METADATA).read_text())
+    meta["format_version"] = 1
+    for name in ("target_kind", "extras", "half_life", "target_stats"):
+        del meta["features"][name]
+    (artifact_dir / METADATA).write_text(json.dumps(meta))
+    _rewrite_checksums(artifact_dir)
+    old = load_artifact(artifact_dir)
+    spec = old.metadata.features
+    assert (spec.target_kind, spec.extras, spec.half_life) == ("level", (), None)
+    assert_close(_engine_predictions(old.model), _engine_predictions(before.model), rtol=0,
+                 atol=0)
 
 
 @pytest.mark.parametrize(

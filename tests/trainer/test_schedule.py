@@ -37,7 +37,7 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_a_failed_run_is_counted_and_the_next_interval_runs_again(
-    tmp_path: Path, small_tick_file: Path
+    tmp_path: Path, generic_file: Path
 ) -> None:
     """The first run fails for real (its history file is missing); the file then appears and
     the next interval trains and publishes. Metrics are read back over HTTP."""
@@ -62,7 +62,7 @@ def test_a_failed_run_is_counted_and_the_next_interval_runs_again(
                 break
             time.sleep(0.02)
         after_failure = _scrape(server.port)
-        shutil.copy(small_tick_file, history)
+        shutil.copy(generic_file, history)
         thread.join(timeout=60)
         assert not thread.is_alive()
         final = _scrape(server.port)
@@ -135,13 +135,13 @@ def pushgateway() -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
 
 
 def test_schedule_cli_pushes_to_a_pushgateway(
-    tmp_path: Path, small_tick_file: Path, pushgateway: tuple[str, list[tuple[str, str, str]]]
+    tmp_path: Path, generic_file: Path, pushgateway: tuple[str, list[tuple[str, str, str]]]
 ) -> None:
     url, received = pushgateway
     code = main([
-        "schedule", "--every", "0.2s", "--max-runs", "2", "--input", str(small_tick_file),
-        "--registry", str(tmp_path / "models"), "--hidden", "8", "--layers", "1",
-        "--epochs", "1", "--device", "cpu", "--pushgateway", url,
+        "schedule", "--every", "0.2s", "--max-runs", "2", "--input", str(generic_file),
+        "--registry", str(tmp_path / "models"), "--hidden", "16", "--layers", "1",
+        "--epochs", "3", "--seq-len", "32", "--device", "cpu", "--pushgateway", url,
     ])
     assert code == 0
     assert len(received) == 2
