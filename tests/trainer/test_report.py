@@ -128,8 +128,8 @@ def test_evaluate_report_on_real_temperatures(tmp_path: Path, temps: Path) -> No
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     proc = subprocess.run(
         [sys.executable, "-m", "trainer", "evaluate", "--input", str(temps), "--registry",
-         str(registry), "--val-fraction", "0.2", "--test-fraction", "0.4", "--report", str(out), "--json",
-         str(report_json)], capture_output=True, text=True, env=env, timeout=120)
+         str(registry), "--val-fraction", "0.2", "--test-fraction", "0.4", "--report", str(out),
+         "--json", str(report_json)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     page = _read_page(out)
     assert _check_figures(out, page) == {
