@@ -24,38 +24,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.coordinator.assignors.range import RangePartitionAssignor
-from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
-from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from kafka.errors import (
-    AuthorizationError,
-    CommitFailedError,
     CorruptRecordError,
-    FencedInstanceIdError,
-    IllegalArgumentError,
-    IllegalGenerationError,
-    IncompatibleBrokerVersion,
-    InvalidConfigurationError,
-    InvalidGroupIdError,
     InvalidRecordError,
-    InvalidSessionTimeoutError,
-    InvalidTopicError,
-    KafkaConfigurationError,
     KafkaError,
     MessageSizeTooLargeError,
     PolicyViolationError,
-    RebalanceInProgressError,
     RecordListTooLargeError,
-    SaslAuthenticationFailedError,
-    UnknownMemberIdError,
-    UnsupportedCodecError,
-    UnsupportedSaslMechanismError,
-    UnsupportedVersionError,
 )
 from kafka.partitioner.default import DefaultPartitioner
 from kafka.producer.future import FutureRecordMetadata
@@ -63,6 +42,13 @@ from kafka.structs import OffsetAndMetadata
 
 from streamer.errors import KafkaEdgeError, KafkaUnavailable
 from streamer.events import Message
+from streamer.kafka_group import (
+    ASSIGNORS,
+    MEMBERSHIP_ERRORS,
+    RebalanceListener,
+    is_transient,
+    wrap,
+)
 from streamer.settings import StreamerSettings
 
 log = logging.getLogger(__name__)
@@ -76,76 +62,12 @@ RefusedCallback = Callable[[Record, object, Exception, bool], Record | None]
 REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError,
            CorruptRecordError, PolicyViolationError)
 
-ASSIGNORS: dict[str, Any] = {
-    "sticky": StickyPartitionAssignor,
-    "range": RangePartitionAssignor,
-    "roundrobin": RoundRobinPartitionAssignor,
-}
-# Errors that say "the group moved on": the pending offsets are no longer ours to commit.
-_MEMBERSHIP_ERRORS = (
-    CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError,
-)
 # kafka-python backs reconnects off up to 30 s; a broker back after an outage would then wait
 # that long for us. 1 s keeps recovery quick at one connection attempt per second per broker.
 RECONNECT_BACKOFF_MAX_MS = 1000
 COORDINATOR_GRACE_S = 2.0  # finding the coordinator at start or after a move takes a moment
 STALL_S = 2.0  # a flush waiting longer than this makes the service not ready until it ends
 _WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
-
-
-# Errors retrying cannot fix: the settings, the credentials or the data must change first.
-FATAL_ERRORS: tuple[type[KafkaError], ...] = (
-    AuthorizationError, SaslAuthenticationFailedError, UnsupportedSaslMechanismError,
-    KafkaConfigurationError, InvalidConfigurationError, IllegalArgumentError,
-    IncompatibleBrokerVersion, UnsupportedVersionError, UnsupportedCodecError,
-    InvalidGroupIdError, InvalidSessionTimeoutError, InvalidTopicError, FencedInstanceIdError,
-    MessageSizeTooLargeError, RecordListTooLargeError,
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether retrying later can succeed. Every Kafka error counts as transient (outages,
-    timeouts, coordinator moves, rebalances, a group protocol round the coordinator refused)
-    except those in FATAL_ERRORS, which name a setting, a credential or a record to fix."""
-    return isinstance(exc, KafkaError) and not isinstance(exc, FATAL_ERRORS)
-
-
-def _wrap(what: str, exc: KafkaError) -> KafkaEdgeError:
-    cls = KafkaUnavailable if is_transient(exc) else KafkaEdgeError
-    return cls(f"{what}: {type(exc).__name__}: {exc}")
-
-
-class _Listener(ConsumerRebalanceListener):
-    """Runs inside ``consumer.poll()``: possibly in the middle of filling a batch, which is why
-    every call bumps the edge's generation (see :meth:`KafkaEdge.poll`).
-
-    Eager rebalancing revokes everything and then assigns the new set, so keys are released
-    only for partitions that did not come back: state that stays with this process survives.
-    """
-
-    def __init__(self, edge: KafkaEdge) -> None:
-        self.edge = edge
-        self.revoked: set[int] = set()
-
-    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self.edge.generation += 1
-        self.edge.rebalancing = True
-        self.revoked = {tp.partition for tp in revoked}
-        self.edge.commit_pending()
-
-    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        self.edge.generation += 1
-        self.edge.rebalancing = False
-        now_assigned = {tp.partition for tp in assigned}
-        lost = self.revoked - now_assigned
-        self.revoked = set()
-        try:
-            if lost:
-                self.edge.forget(lost)
-                self.edge.on_revoke(lost)
-        finally:
-            # Whatever happened while releasing, the new assignment must be known.
-            self.edge.on_assign(now_assigned)
 
 
 class KafkaEdge:
@@ -227,7 +149,7 @@ class KafkaEdge:
         self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
         self._next_offset: dict[int, int] = {}  # partition -> next offset we expect to see
         self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
-        self.consumer.subscribe([self.topic], listener=_Listener(self))
+        self.consumer.subscribe([self.topic], listener=RebalanceListener(self))
 
     # --- consuming -------------------------------------------------------------------------
 
@@ -257,7 +179,7 @@ class KafkaEdge:
                 records = self.consumer.poll(timeout_ms=remaining_ms,
                                              max_records=limit - len(batch))
             except KafkaError as exc:
-                raise _wrap("poll failed", exc) from exc
+                raise wrap("poll failed", exc) from exc
             if self.generation != generation:
                 if self.rebalancing and remaining_ms > 0:
                     continue  # revoked, not yet re-assigned: nothing fetched now is ours
@@ -382,7 +304,7 @@ class KafkaEdge:
             )
             self._sent.append(((topic, key, value, headers), origin))
         except KafkaError as exc:
-            raise _wrap(f"produce to {topic} failed", exc) from exc
+            raise wrap(f"produce to {topic} failed", exc) from exc
 
     def _partition(self, topic: str, key: bytes | None) -> int | None:
         """The default (murmur2) partition of ``key``, memoized: keys repeat, and hashing in
@@ -521,7 +443,7 @@ class KafkaEdge:
         timeout_s = max(self._deadline(self.settings.commit_timeout_s) - time.monotonic(), 0.1)
         try:
             self.consumer.commit(offsets, timeout_ms=int(timeout_s * 1e3))
-        except _MEMBERSHIP_ERRORS as exc:
+        except MEMBERSHIP_ERRORS as exc:
             self._uncommitted.clear()
             self.on_commit_failed("rebalance")
             log.warning("offset commit rejected (%s: %s): the group rebalanced; those offsets "

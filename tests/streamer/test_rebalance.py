@@ -19,7 +19,8 @@ import pytest
 import torch
 from kafka import TopicPartition
 
-from streamer.kafka_edge import KafkaEdge, _Listener
+from streamer.kafka_edge import KafkaEdge
+from streamer.kafka_group import RebalanceListener
 from streamer.service import Service
 
 from ..kafka_helpers import Topics
@@ -55,7 +56,7 @@ def test_rebalance_commits_and_releases_only_lost_partitions(
     service.engine.process(keys, partitions, np.ones((40, 4)), np.zeros(40), 0.0)
     before = {k: service.store.h[:, service.store.slot(k)].clone() for k in keys}
     edge = _Edge(service)
-    listener = _Listener(edge)  # type: ignore[arg-type]
+    listener = RebalanceListener(edge)  # type: ignore[arg-type]
     tps = [TopicPartition(topics.input, p) for p in range(4)]
 
     listener.on_partitions_assigned(tps)
