@@ -187,14 +187,15 @@ def _gateway(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_one_shot_runs_push_and_a_failed_run_keeps_the_last_success(
-    tmp_path: Path, small_tick_file: Path, real_pushgateway: str
+    tmp_path: Path, generic_file: Path, real_pushgateway: str
 ) -> None:
     """The k8s CronJob runs `trainer schedule --max-runs 1 --pushgateway ...` once per slot:
     a success is pushed, and a later failed run adds its failure without erasing it."""
     common = ["--registry", str(tmp_path / "models"), "--hidden", "8", "--layers", "1",
-              "--epochs", "1", "--device", "cpu", "--pushgateway", real_pushgateway]
+              "--epochs", "3", "--seq-len", "32", "--device", "cpu",
+              "--pushgateway", real_pushgateway]
     assert main(["schedule", "--every", "6h", "--max-runs", "1", "--input",
-                 str(small_tick_file), *common]) == 0
+                 str(generic_file), "--force", *common]) == 0  # a success: published
     last = ("trainer_last_success_timestamp_seconds", (("job", "trainer"),))
     first = _gateway(real_pushgateway)
     assert time.time() - 600 < first[last] <= time.time()
