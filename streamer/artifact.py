@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import streamer
-from streamer.errors import ArtifactError
+from streamer.errors import ArtifactError, IncompleteArtifact
 from streamer.features import FeatureSpec
 from streamer.model import LSTMModel, ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: feature spec with target_kind, extras, half_life, target_stats
+READABLE_FORMATS = (1, 2)  # a version 1 spec reads as level target, no extras, no per-key stats
 WEIGHTS = "model.safetensors"
 METADATA = "metadata.json"
 CHECKSUMS = "SHA256SUMS"
@@ -96,6 +98,9 @@ def save_artifact(
         seed=seed,
     )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{directory}: refusing to save {name}: non-finite values")
     save_file(state, str(directory / WEIGHTS))
     (directory / METADATA).write_text(meta.model_dump_json(indent=2))
     sums = "".join(f"{_sha256(directory / n)}  {n}\n" for n in (WEIGHTS, METADATA))
@@ -104,15 +109,22 @@ def save_artifact(
 
 
 def read_metadata(directory: Path) -> ArtifactMetadata:
+    """The metadata of an artifact of format version 1 or 2; a newer format is refused with a
+    message naming both versions (before its unknown fields could confuse validation)."""
     try:
-        meta = ArtifactMetadata.model_validate_json((directory / METADATA).read_bytes())
-    except (OSError, ValidationError) as exc:
+        blob = (directory / METADATA).read_bytes()
+        version = json.loads(blob).get("format_version")
+    except (OSError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"{directory}: unreadable metadata: {exc}") from exc
-    if meta.format_version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise ArtifactError(
-            f"{directory}: format version {meta.format_version}, this code reads {FORMAT_VERSION}"
+            f"{directory}: artifact format version {version}, this code reads format versions "
+            f"{', '.join(map(str, READABLE_FORMATS))}; upgrade the streamer or retrain"
         )
-    return meta
+    try:
+        return ArtifactMetadata.model_validate_json(blob)
+    except ValidationError as exc:
+        raise ArtifactError(f"{directory}: unreadable metadata: {exc}") from exc
 
 
 def verify_checksums(directory: Path) -> None:
@@ -123,7 +135,9 @@ def verify_checksums(directory: Path) -> None:
             if line.strip():
                 digest, name = line.split(maxsplit=1)
                 expected[name] = digest
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise IncompleteArtifact(f"{directory}: unreadable {CHECKSUMS}: {exc}") from exc
+    except ValueError as exc:
         raise ArtifactError(f"{directory}: unreadable {CHECKSUMS}: {exc}") from exc
     for name in (WEIGHTS, METADATA):
         if name not in expected:
@@ -131,9 +145,9 @@ def verify_checksums(directory: Path) -> None:
         try:
             actual = _sha256(directory / name)
         except OSError as exc:
-            raise ArtifactError(f"{directory}: cannot read {name}: {exc}") from exc
-        if actual != expected[name]:
-            raise ArtifactError(f"{directory}: checksum mismatch for {name}")
+            raise IncompleteArtifact(f"{directory}: cannot read {name}: {exc}") from exc
+        if actual != expected[name]:  # corrupt, or still being written
+            raise IncompleteArtifact(f"{directory}: checksum mismatch for {name}")
 
 
 def load_artifact(directory: Path, device: torch.device | str = "cpu") -> Artifact:
@@ -151,6 +165,13 @@ def load_artifact(directory: Path, device: torch.device | str = "cpu") -> Artifa
         raise ArtifactError(f"{directory}: metadata does not build a model: {exc}") from exc
     _check_weights(directory, model, weights)
     model.load_state_dict(weights)
+    # After the cast to the model's dtype: 1e39 is finite in a float64 file, inf in float32.
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(
+                f"{directory}: {name} is not finite as {tensor.dtype} (stored as "
+                f"{weights[name].dtype}); values beyond the serving precision are refused"
+            )
     model.eval()
     return Artifact(model.to(device), meta, directory)
 

@@ -22,6 +22,18 @@ from types import TracebackType
 
 _RD_KAFKA_PRODUCER = 0
 
+# Kafka protocol API keys and error codes the fault injectors take (Kafka protocol guide).
+API_KEYS = {
+    "Produce": 0, "Fetch": 1, "ListOffsets": 2, "Metadata": 3, "OffsetCommit": 8,
+    "OffsetFetch": 9, "FindCoordinator": 10, "JoinGroup": 11, "Heartbeat": 12,
+    "LeaveGroup": 13, "SyncGroup": 14,
+}
+ERROR_CODES = {
+    "REQUEST_TIMED_OUT": 7, "NOT_LEADER_OR_FOLLOWER": 6, "COORDINATOR_NOT_AVAILABLE": 15,
+    "NOT_COORDINATOR": 16, "ILLEGAL_GENERATION": 22, "UNKNOWN_MEMBER_ID": 25,
+    "REBALANCE_IN_PROGRESS": 27,
+}
+
 
 def _find_librdkafka() -> str:
     """Locate the librdkafka shared library shipped inside the confluent-kafka wheel."""
@@ -51,6 +63,11 @@ def _load() -> ctypes.CDLL:
         "rd_kafka_mock_broker_set_up": ([vp, ctypes.c_int32], ci),
         "rd_kafka_mock_broker_set_rtt": ([vp, ctypes.c_int32, ci], ci),
         "rd_kafka_mock_group_initial_rebalance_delay_ms": ([vp, ctypes.c_int32], None),
+        "rd_kafka_mock_push_request_errors_array": (
+            [vp, ctypes.c_int16, ctypes.c_size_t, ctypes.POINTER(ci)], None),
+        "rd_kafka_mock_clear_request_errors": ([vp, ctypes.c_int16], None),
+        "rd_kafka_mock_partition_set_leader": ([vp, cp, ctypes.c_int32, ctypes.c_int32], ci),
+        "rd_kafka_mock_coordinator_set": ([vp, cp, cp, ctypes.c_int32], ci),
         "rd_kafka_err2str": ([ci], cp),
     }
     for name, (argtypes, restype) in sigs.items():
@@ -111,6 +128,26 @@ class EmbeddedBroker:
 
     def set_rtt(self, rtt_ms: int, broker_id: int = 1) -> None:
         self._check(self._lib.rd_kafka_mock_broker_set_rtt(self._mc, broker_id, rtt_ms), "rtt")
+
+    def push_request_errors(self, api: str, errors: list[str]) -> None:
+        """The next ``len(errors)`` requests of ``api`` (a name in API_KEYS, e.g.
+        "OffsetCommit") fail with these errors (names in ERROR_CODES), in order."""
+        codes = (ctypes.c_int * len(errors))(*(ERROR_CODES[e] for e in errors))
+        self._lib.rd_kafka_mock_push_request_errors_array(
+            self._mc, API_KEYS[api], len(errors), codes)
+
+    def clear_request_errors(self, api: str) -> None:
+        self._lib.rd_kafka_mock_clear_request_errors(self._mc, API_KEYS[api])
+
+    def set_partition_leader(self, topic: str, partition: int, broker_id: int) -> None:
+        err = self._lib.rd_kafka_mock_partition_set_leader(
+            self._mc, topic.encode(), partition, broker_id)
+        self._check(err, f"leader of {topic}[{partition}]")
+
+    def set_group_coordinator(self, group_id: str, broker_id: int) -> None:
+        err = self._lib.rd_kafka_mock_coordinator_set(
+            self._mc, b"group", group_id.encode(), broker_id)
+        self._check(err, f"coordinator of group {group_id!r}")
 
     def close(self) -> None:
         if self._mc:

@@ -52,6 +52,7 @@ RefusedCallback = Callable[[Record, object, Exception, bool], Record | None]
 
 _IDLE_POLL_S = 0.1  # longest wait for a first record; the loop heartbeats in between
 _WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
+STALL_S = 2.0  # a flush waiting longer than this makes the service not ready until it ends
 ASSIGNORS = {"sticky": "cooperative-sticky", "range": "range", "roundrobin": "roundrobin"}
 # Errors retrying cannot fix: settings, credentials or the data must change first.
 FATAL_CODES = {
@@ -126,6 +127,7 @@ class ConfluentEdge:
         stop: threading.Event | None = None,
         beat: Callable[[], None] | None = None,
         on_refused: RefusedCallback | None = None,
+        on_stall: Callable[[str], None] | None = None,
         **_: Any,
     ) -> None:
         self.settings = settings
@@ -138,6 +140,7 @@ class ConfluentEdge:
         self.stop = stop or threading.Event()
         self.beat = beat or (lambda: None)
         self.on_refused = on_refused
+        self.on_stall = on_stall or (lambda reason: None)
         self._refused: list[tuple[Record, object, KafkaError, bool]] = []
         self.generation = 0  # bumped by every rebalance callback
         self._drain_deadline: float | None = None
@@ -426,12 +429,16 @@ class ConfluentEdge:
         if not sent and not self._failures:
             return
         deadline = self._deadline(getattr(self.settings, "flush_timeout_s", 30.0))
+        started = time.monotonic()
         while True:
             deadline = self._cap(deadline)
             left = self.producer.flush(max(min(deadline - time.monotonic(), _WAIT_SLICE_S), 0))
             if left == 0:
                 break
             self.beat()
+            waited = time.monotonic() - started
+            if waited > STALL_S:
+                self.on_stall(f"outputs unacknowledged for {waited:.0f} s")
             if time.monotonic() >= deadline:
                 raise KafkaUnavailable(f"{left} of {sent} records not acknowledged in time; "
                                        "offsets not committed, the batch will be re-delivered")

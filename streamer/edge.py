@@ -34,8 +34,9 @@ class Edge(Protocol):
         ...
 
     def send(self, topic: str, key: bytes | None, value: bytes | None,
-             headers: list[tuple[str, bytes]] | None = None) -> None:
-        """Buffer one output record."""
+             headers: list[tuple[str, bytes]] | None = None, origin: object = None) -> None:
+        """Buffer one output record; ``origin`` (the input message) goes to ``on_refused``
+        if the record is refused for what it is (size, format)."""
         ...
 
     def flush_and_commit(self, batch: Sequence[Message]) -> Any:
@@ -46,11 +47,16 @@ class Edge(Protocol):
         ...
 
     def lag(self) -> Any:
-        """Per (topic, partition): messages between the position and the high watermark."""
+        """Per (topic, partition): messages between the position and the log end; None when
+        it cannot be read now."""
         ...
 
-    def close(self) -> Any:
-        """Flush, commit, leave the group."""
+    def rewind(self, batch: Sequence[Message]) -> None:
+        """Seek back to the first record of each owned partition of ``batch``."""
+        ...
+
+    def close(self) -> bool:
+        """Flush, commit, leave the group within ``drain_timeout_s``; whether all was clean."""
         ...
 
 

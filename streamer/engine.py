@@ -7,6 +7,11 @@ the same arithmetic as stepping each event in turn, which the tests prove agains
 reference. Host work is index bookkeeping in numpy; the device gets one float64 buffer in and
 gives one prediction tensor back.
 
+Features, per-key normalization (statistics in the state store next to h and c) and the step
+from the model's output to the predicted next value come from ``streamer.features``, the code
+the trainer runs, so a streamed prediction equals the trainer's offline one (tests prove it for
+every target kind).
+
 No Kafka, HTTP or metrics here: the service times and counts from outside.
 
 Usage::
@@ -24,7 +29,7 @@ import numpy as np
 import torch
 
 from streamer.copies import HostStaging
-from streamer.features import compute_features
+from streamer.features import FeatureSpec, compute_features, normalize_steps, to_value
 from streamer.model import LSTMModel
 from streamer.state import StateStore
 
@@ -76,20 +81,37 @@ class Engine:
         prev_ts = torch.cat([store.prev_ts[slots].unsqueeze(1), ts_pad[:, :-1]], dim=1)
         has_prev = torch.ones(u, width, dtype=torch.bool, device=raw.device)
         has_prev[:, 0] = store.has_prev[slots]
-        x = compute_features(self.spec, raw_pad, ts_pad, prev_raw, prev_ts, has_prev)
+        spec = self.spec
+        feats = compute_features(spec, raw_pad, ts_pad, prev_raw, prev_ts, has_prev, torch.float64)
+        valid = torch.arange(width, device=raw.device)[None, :] < lengths[:, None]
+        x, loc, scale, stats, count = normalize_steps(
+            spec, feats, raw_pad, prev_raw, has_prev, store.stats[slots], store.count[slots], valid
+        )
         y, h, c = self.model.forward_padded(
             x, torch.from_numpy(plan.lengths), store.h[:, slots], store.c[:, slots],
             enforce_sorted=True,
         )
+        # State guard: a key whose step is not finite keeps its state (see _finite_rows).
+        ok = _finite_rows(x, y, h, c, lengths)
+        saved = None if bool(ok.all()) else _snapshot(store, slots)  # rare: copy to restore
         store.h[:, slots] = h
         store.c[:, slots] = c
+        store.stats[slots] = stats
+        store.count[slots] = count
         last = torch.arange(u, device=raw.device) * width + lengths - 1  # [U] flat index
         store.prev_raw[slots] = raw_pad.view(u * width, r)[last]
         store.prev_ts[slots] = ts_pad.view(-1)[last]
         store.has_prev[slots] = True
         self._append_window(x.view(u * width, -1), window_pos.long(), slots, lengths, width)
-        out = y.view(u * width, -1)[pos]
-        return self.model.to_prediction(out)
+        if saved is not None:
+            _restore_bad_rows(store, slots, saved, ok)
+        out = self.model.to_prediction(y.view(u * width, -1)[pos])
+        col = spec.target_raw_column
+        if self.model.config.task != "classification" and col is not None:
+            value = to_value(spec, out[:, 0].double(), raw[:, col], loc.view(-1)[pos],
+                             scale.view(-1)[pos])
+            out = value.to(torch.float32).unsqueeze(-1)
+        return _nan_bad_rows(out, ok[pos // width])
 
     def _append_window(
         self, x: torch.Tensor, window_pos: torch.Tensor, slots: torch.Tensor,
@@ -110,15 +132,19 @@ class Engine:
 
         rewarm: replay each key's buffered window through the new model from zeros;
         reset: start every key from zeros; keep: keep states (only when the shapes match).
+        A model with another number of layers or hidden size gets a re-allocated state store
+        (h and c of the new shape) and its keys re-warmed; ``keep`` is then refused.
         Returns the number of keys re-warmed.
         """
         old = self.model.config
         new = model.config
-        same_features = model.spec.names == self.spec.names and model.spec.kind == self.spec.kind
-        if not same_features:
+        if not same_features(model.spec, self.spec):
             raise ValueError("the new model reads different features; start a new deployment")
-        if (new.num_layers, new.hidden_size) != (old.num_layers, old.hidden_size):
-            raise ValueError("the new model's state shape differs from the state store's")
+        reshaped = (new.num_layers, new.hidden_size) != (old.num_layers, old.hidden_size)
+        if reshaped and policy == "keep":
+            raise ValueError("the new model's state shape differs: keep is impossible, use rewarm")
+        if reshaped:
+            self.store.reshape(new.num_layers, new.hidden_size)
         self.model, self.spec = model.eval(), model.spec
         if policy == "keep":
             return 0
@@ -140,6 +166,57 @@ class Engine:
             store.h[:, slots] = h
             store.c[:, slots] = c
         return int(live.numel())
+
+
+def same_features(a: FeatureSpec, b: FeatureSpec) -> bool:
+    """True when two specs compute the same model inputs and per-key state from events (the
+    global normalization stats and the target may differ)."""
+    return (a.kind, a.names, a.extras, a.half_life) == (b.kind, b.names, b.extras, b.half_life)
+
+
+# --- state guard (project rule: a non-finite step never poisons a key's state) -------------
+# A key whose step yields a non-finite feature, output or state keeps the state it had before
+# the batch; all of that key's predictions in the batch come back NaN, and the service
+# dead-letters them (reason non_finite_output). The key's later events continue from its last
+# good state. Checking costs one reduction and one device sync per batch; only a batch with
+# such a key pays for copying and restoring state.
+
+_GUARDED = ("prev_raw", "prev_ts", "has_prev", "stats", "count", "win", "win_next", "win_len")
+
+
+def _snapshot(store: StateStore, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+    saved = {name: getattr(store, name)[slots] for name in _GUARDED}
+    saved["h"], saved["c"] = store.h[:, slots], store.c[:, slots]
+    return saved
+
+
+def _finite_rows(
+    x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, c: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """[U] bool: row u's features [U, T, F] and outputs [U, T, O] at its valid steps, and its
+    final state h, c [L, U, H], are all finite. ``v * 0`` is 0 for finite v and NaN for NaN or
+    inf, so a sum of them is an exact test (and ~10x faster than isfinite().all() per dim)."""
+    u, width = x.shape[0], x.shape[1]
+    valid = torch.arange(width, device=x.device)[None, :] < lengths[:, None]  # [U, T]
+    steps = (x.view(u, width, -1) * 0).sum(-1) + (y.view(u, width, -1) * 0).sum(-1)
+    steps = torch.where(valid, steps, 0.0).sum(1)  # padding may hold anything
+    return torch.isfinite(steps + (h * 0).sum((0, 2)) + (c * 0).sum((0, 2)))
+
+
+def _restore_bad_rows(
+    store: StateStore, slots: torch.Tensor, saved: dict[str, torch.Tensor], ok: torch.Tensor
+) -> None:
+    for name in _GUARDED:
+        tensor, old = getattr(store, name), saved[name]
+        keep = ok.view(-1, *([1] * (old.dim() - 1)))
+        tensor[slots] = torch.where(keep, tensor[slots], old)
+    keep = ok.view(1, -1, 1)
+    store.h[:, slots] = torch.where(keep, store.h[:, slots], saved["h"])
+    store.c[:, slots] = torch.where(keep, store.c[:, slots], saved["c"])
+
+
+def _nan_bad_rows(pred: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    return torch.where(ok[:, None], pred, torch.full_like(pred, float("nan")))
 
 
 class _Plan:

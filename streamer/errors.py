@@ -40,6 +40,11 @@ class ArtifactError(StreamerError):
     """A model artifact was refused (checksum, dims, non-finite weights, unreadable)."""
 
 
+class IncompleteArtifact(ArtifactError):
+    """A file of the artifact is missing or does not match its checksum yet: it may still be
+    arriving (a file-by-file sync), so the model watcher retries it with backoff."""
+
+
 class RegistryError(StreamerError):
     """The model registry cannot serve the request."""
 

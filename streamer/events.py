@@ -6,7 +6,14 @@ turns into a dead-letter record and a counter.
 
 Event time rule: ``ts`` may be epoch seconds, epoch milliseconds or an ISO-8601 string. A number
 whose absolute value is at least 1e11 is milliseconds (1e11 s is the year 5138, 1e11 ms is
-1973); anything smaller is seconds. An ISO-8601 string without a zone is UTC.
+1973); anything smaller is seconds. An ISO-8601 string without a zone is UTC. A plausible event
+time lies in ``[max(min_event_time, now - max_past_s), now + max_future_s]``; one before that
+range is ``bad_timestamp``, one after it ``future_timestamp``.
+
+Numbers must be finite *as float32*, the precision the model computes in: a value beyond
++-3.4e38 (a common "no reading" placeholder is 1.797e308) is ``out_of_range``, refused before any
+state is touched. A key (payload or Kafka key) longer than ``max_key_bytes`` UTF-8 bytes is
+``key_too_long``: its prediction could not be produced.
 
 Usage::
 
@@ -44,6 +51,9 @@ FEATURE_COUNT = "feature_count"
 UNKNOWN_READING = "unknown_reading"
 MISSING_READING = "missing_reading"
 OUT_OF_RANGE = "out_of_range"
+KEY_TOO_LONG = "key_too_long"
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore", frozen=True)
 Timestamp = float | int | str
@@ -154,9 +164,14 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "value"
 
 
-def _resolve_key(payload_key: str | None, message_key: bytes | None) -> str:
+def _resolve_key(
+    payload_key: str | None, message_key: bytes | None, max_key_bytes: int | None = None
+) -> str:
     kafka_key: str | None = None
     if message_key is not None:
+        if max_key_bytes is not None and len(message_key) > max_key_bytes:
+            raise BadEvent(KEY_TOO_LONG, f"message key is {len(message_key)} bytes, "
+                           f"the limit is {max_key_bytes}")
         try:
             kafka_key = message_key.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -166,7 +181,20 @@ def _resolve_key(payload_key: str | None, message_key: bytes | None) -> str:
     key = payload_key if payload_key is not None else kafka_key
     if not key:
         raise BadEvent(MISSING_KEY, "no key in the payload and no message key")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # a lone surrogate escaped in JSON ("\ud800")
+        raise BadEvent(NOT_UTF8, "key is not valid Unicode (lone surrogate)") from exc
+    if max_key_bytes is not None and size > max_key_bytes:
+        raise BadEvent(KEY_TOO_LONG, f"key is {size} bytes, the limit is {max_key_bytes}")
     return key
+
+
+def _check_float32(raw: list[float]) -> None:
+    """Finite in float64 is not enough: the model computes in float32."""
+    for i, v in enumerate(raw):
+        if abs(v) > FLOAT32_MAX:  # NaN (an absent tick quote) compares False and passes
+            raise BadEvent(OUT_OF_RANGE, f"value {i} = {v!r} overflows float32 (|x| > 3.4e38)")
 
 
 def _raw_vector(event: Any, spec: FeatureSpec) -> tuple[str | None, list[float]]:
@@ -201,16 +229,30 @@ def decode(
     spec: FeatureSpec,
     now: float,
     max_future_s: float = 300.0,
+    *,
+    max_past_s: float | None = None,
+    min_event_time: float | None = None,
+    max_key_bytes: int | None = None,
 ) -> DecodedEvent:
-    """Decode and validate one message against the serving model's feature spec."""
+    """Decode and validate one message against the serving model's feature spec.
+
+    ``now``, ``min_event_time`` in epoch seconds; ``max_future_s``/``max_past_s`` in seconds
+    (None: no bound). Raises BadEvent with a reason code (module constants)."""
     if value is None:
         raise BadEvent(NOT_JSON, "message has no value (tombstone)")
     event = _validate(value, spec.kind)
     payload_key, raw = _raw_vector(event, spec)
+    _check_float32(raw)
     ts = parse_timestamp(event.ts)
     if ts > now + max_future_s:
         raise BadEvent(FUTURE_TIMESTAMP, f"event time {ts:.3f} is {ts - now:.0f}s in the future")
-    return DecodedEvent(_resolve_key(payload_key, key), ts, event.ts, raw)
+    if min_event_time is not None and ts < min_event_time:
+        raise BadEvent(BAD_TIMESTAMP, f"event time {ts:.6g} is before {min_event_time:.0f} "
+                       "(min_event_time)")
+    if max_past_s is not None and ts < now - max_past_s:
+        raise BadEvent(BAD_TIMESTAMP, f"event time {ts:.6g} is {now - ts:.0f}s in the past "
+                       f"(max_past_s is {max_past_s:.0f})")
+    return DecodedEvent(_resolve_key(payload_key, key, max_key_bytes), ts, event.ts, raw)
 
 
 def decode_batch(
@@ -218,7 +260,12 @@ def decode_batch(
     spec: FeatureSpec,
     now: float,
     max_future_s: float = 300.0,
+    *,
+    max_past_s: float | None = None,
+    min_event_time: float | None = None,
+    max_key_bytes: int | None = None,
 ) -> DecodedBatch:
+    """:func:`decode` over ``messages``: good events as arrays, bad ones with their index."""
     keys: list[str] = []
     ts: list[float] = []
     ts_raw: list[Timestamp] = []
@@ -227,7 +274,8 @@ def decode_batch(
     bad: list[tuple[int, BadEvent]] = []
     for i, msg in enumerate(messages):
         try:
-            ev = decode(msg.value, msg.key, spec, now, max_future_s)
+            ev = decode(msg.value, msg.key, spec, now, max_future_s, max_past_s=max_past_s,
+                        min_event_time=min_event_time, max_key_bytes=max_key_bytes)
         except BadEvent as exc:
             bad.append((i, exc))
             continue

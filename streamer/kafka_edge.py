@@ -2,8 +2,14 @@
 
 At-least-once is the contract: offsets of a batch are committed only once every record the
 batch produced (predictions and dead letters) has been acknowledged by the broker. A crash
-before that re-delivers the batch; nothing is ever skipped silently. Offset gaps (e.g. the
-broker's retention deleted data a lagging consumer had not read) are counted and logged loudly.
+before that re-delivers the batch; nothing is ever skipped silently. Offset gaps that lost data
+(the broker's retention deleted what a lagging consumer had not read) are counted and logged
+loudly; gaps left by transaction markers or compaction are not losses and are not counted.
+
+Faults are split in two. Transient ones (a broker or the group coordinator down, request
+timeouts, a commit rejected by a rebalance) raise :class:`KafkaUnavailable`: the caller backs
+off and polls again, and unacknowledged work is re-delivered. Anything else (bad credentials,
+an unknown topic, a fenced static member) raises :class:`KafkaEdgeError` and ends the service.
 
 Usage::
 
@@ -16,54 +22,62 @@ Usage::
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError
+from kafka.errors import (
+    CorruptRecordError,
+    InvalidRecordError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    PolicyViolationError,
+    RecordListTooLargeError,
+)
 from kafka.partitioner.default import DefaultPartitioner
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
-from streamer.errors import KafkaEdgeError
+from streamer.errors import KafkaEdgeError, KafkaUnavailable
 from streamer.events import Message
+from streamer.kafka_group import (
+    ASSIGNORS,
+    MEMBERSHIP_ERRORS,
+    RebalanceListener,
+    is_transient,
+    wrap,
+)
 from streamer.settings import StreamerSettings
 
 log = logging.getLogger(__name__)
 
 PartitionCallback = Callable[[set[int]], None]
+Headers = list[tuple[str, bytes]]
+Record = tuple[str, bytes | None, bytes | None, Headers | None]  # topic, key, value, headers
+# (record, origin given to send(), error, final) -> a replacement to send, or None
+RefusedCallback = Callable[[Record, object, Exception, bool], Record | None]
+# Refusals of the record itself (size, format, policy): sending it again cannot succeed.
+REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError,
+           CorruptRecordError, PolicyViolationError)
 
-
-class _Listener(ConsumerRebalanceListener):
-    """Runs inside ``poll()``, i.e. between batches: the previous batch is already committed.
-
-    Eager rebalancing revokes everything and then assigns the new set, so keys are released
-    only for partitions that did not come back: state that stays with this process survives.
-    """
-
-    def __init__(self, edge: KafkaEdge) -> None:
-        self.edge = edge
-        self.revoked: set[int] = set()
-
-    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self.revoked = {tp.partition for tp in revoked}
-        self.edge.commit_pending()
-
-    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        now_assigned = {tp.partition for tp in assigned}
-        lost = self.revoked - now_assigned
-        self.revoked = set()
-        try:
-            if lost:
-                self.edge.forget(lost)
-                self.edge.on_revoke(lost)
-        finally:
-            # Whatever happened while releasing, the new assignment must be known.
-            self.edge.on_assign(now_assigned)
+# kafka-python backs reconnects off up to 30 s; a broker back after an outage would then wait
+# that long for us. 1 s keeps recovery quick at one connection attempt per second per broker.
+RECONNECT_BACKOFF_MAX_MS = 1000
+COORDINATOR_GRACE_S = 2.0  # finding the coordinator at start or after a move takes a moment
+STALL_S = 2.0  # a flush waiting longer than this makes the service not ready until it ends
+_WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
 
 
 class KafkaEdge:
+    """One consumer-group member and one producer.
+
+    ``stop`` (optional) is the service's stop event: once it is set, every wait is cut to what
+    is left of ``drain_timeout_s``. ``beat`` is called at least every 0.5 s while a wait blocks,
+    so liveness reflects a loop that waits on purpose, not one that is stuck.
+    """
+
     def __init__(
         self,
         settings: StreamerSettings,
@@ -72,16 +86,42 @@ class KafkaEdge:
         on_gap: Callable[[int, int], None] | None = None,
         consumer: KafkaConsumer | None = None,
         producer: KafkaProducer | None = None,
+        on_dropped: Callable[[int], None] | None = None,
+        on_commit_failed: Callable[[str], None] | None = None,
+        stop: threading.Event | None = None,
+        beat: Callable[[], None] | None = None,
+        on_stall: Callable[[str], None] | None = None,
+        on_refused: RefusedCallback | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.input_topic
         self.on_assign = on_assign
         self.on_revoke = on_revoke
         self.on_gap = on_gap or (lambda partition, n: None)
+        self.on_dropped = on_dropped or (lambda n: None)
+        self.on_commit_failed = on_commit_failed or (lambda reason: None)
+        self.stop = stop or threading.Event()
+        self.beat = beat or (lambda: None)
+        self.on_stall = on_stall or (lambda reason: None)
+        self.generation = 0  # bumped by every rebalance callback
+        self.rebalancing = False  # partitions revoked, new assignment not yet known
+        self._drain_deadline: float | None = None
+        self._unacked = False  # a flush gave up with records still unacknowledged
+        self._coordinator_missing_since: float | None = None
+        self.on_refused = on_refused
         security = settings.kafka_security_kwargs()
         self.consumer = consumer or KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers.split(","),
             group_id=settings.group_id,
+            group_instance_id=settings.group_instance_id,
+            partition_assignment_strategy=(ASSIGNORS[settings.partition_assignor],),
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=settings.heartbeat_interval_ms,
+            max_poll_interval_ms=settings.max_poll_interval_ms,
+            request_timeout_ms=settings.request_timeout_ms,
+            isolation_level=settings.isolation_level,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+            check_crcs=settings.check_crcs,
             enable_auto_commit=False,
             auto_offset_reset=settings.auto_offset_reset,
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
@@ -97,15 +137,23 @@ class KafkaEdge:
             batch_size=256 * 1024,
             # One request in flight keeps a key's predictions in order across retries.
             max_in_flight_requests_per_connection=1,
+            request_timeout_ms=settings.request_timeout_ms,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+            max_request_size=settings.max_request_size,
+            compression_type=(None if settings.output_compression == "none"
+                              else settings.output_compression),
             metrics_enabled=False,
             client_id=f"streamer-{settings.group_id}-out",
             **security,
         )
         self._futures: list[FutureRecordMetadata] = []
+        self._sent: list[tuple[Record, object]] = []  # what each future sent, and its origin
         self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
         self._next_offset: dict[int, int] = {}  # partition -> next offset we expect to see
         self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
-        self.consumer.subscribe([self.topic], listener=_Listener(self))
+        self.consumer.subscribe([self.topic], listener=RebalanceListener(self))
+
+    # --- consuming -------------------------------------------------------------------------
 
     def poll(self) -> list[Message]:
         """Up to ``max_batch_events`` records gathered within ``max_batch_wait_ms``: fetching
@@ -113,9 +161,21 @@ class KafkaEdge:
         of their last fetch (everything the broker had was taken: waiting longer would only add
         latency when traffic is light; when behind, batches keep filling, which amortizes the
         per-batch cost and catches up). Returns an empty list when nothing came (so the loop
-        can heartbeat and swap models while idle)."""
+        can heartbeat and swap models while idle).
+
+        kafka-python runs a pending rebalance inside ``consumer.poll()`` and then resets every
+        position to the committed offset. When that happens during the fill, the batch keeps
+        only records of partitions still assigned (the others are dropped and counted: their
+        new owner reads them from the committed offset) and each kept partition is sought to
+        just after its last kept record, so no offset is read twice; records fetched after the
+        rebalance are handed back by seeking, so a batch never mixes the two generations.
+
+        Raises KafkaUnavailable when the group coordinator cannot be reached (retry later),
+        KafkaEdgeError for anything that retrying cannot fix.
+        """
         limit, wait_s = self.settings.max_batch_events, self.settings.max_batch_wait_ms / 1e3
         batch: list[Message] = []
+        generation = self.generation
         deadline = time.monotonic() + wait_s
         while len(batch) < limit:
             remaining_ms = max(int((deadline - time.monotonic()) * 1e3), 0)
@@ -123,7 +183,11 @@ class KafkaEdge:
                 records = self.consumer.poll(timeout_ms=remaining_ms,
                                              max_records=limit - len(batch))
             except KafkaError as exc:
-                raise KafkaEdgeError(f"poll failed: {exc}") from exc
+                raise wrap("poll failed", exc) from exc
+            if self.generation != generation:
+                if self.rebalancing and remaining_ms > 0:
+                    continue  # revoked, not yet re-assigned: nothing fetched now is ours
+                return self._after_rebalance(batch, records)
             caught_up = True
             for tp, msgs in records.items():
                 if not msgs:
@@ -135,7 +199,50 @@ class KafkaEdge:
                 caught_up = caught_up and (high is None or msgs[-1].offset + 1 >= high)
             if remaining_ms == 0 or not batch or caught_up:
                 break
+        if batch or not self._coordinator_unknown():
+            self._coordinator_missing_since = None
+        elif self._coordinator_missing_since is None:
+            self._coordinator_missing_since = time.monotonic()
+        elif time.monotonic() - self._coordinator_missing_since > COORDINATOR_GRACE_S:
+            raise KafkaUnavailable("the group coordinator is unavailable")
         return batch
+
+    def _after_rebalance(self, before: list[Message], after: dict[Any, list[Any]]) -> list[Message]:
+        owned = set() if self.rebalancing else self.assigned_partitions()
+        kept = [m for m in before if m.partition in owned]
+        dropped = len(before) - len(kept)
+        if dropped:
+            self.on_dropped(dropped)
+            log.warning("rebalance during a batch: dropped %d records of partitions not "
+                        "assigned to this member (now or yet); whoever owns them next reads "
+                        "them from the committed offset", dropped)
+        resume: dict[int, int] = {}
+        for tp, msgs in after.items():
+            if msgs and tp.partition in owned:
+                resume[tp.partition] = msgs[0].offset
+        for m in kept:
+            resume[m.partition] = m.offset + 1
+        for partition, offset in resume.items():
+            self.consumer.seek(TopicPartition(self.topic, partition), offset)
+            self._next_offset[partition] = offset
+        return kept
+
+    def _coordinator_unknown(self) -> bool:
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        check = getattr(coordinator, "coordinator_unknown", None)
+        return bool(check()) if callable(check) else False
+
+    def rewind(self, batch: Sequence[Message]) -> None:
+        """Seek each partition of ``batch`` back to its first record, so an unacknowledged
+        batch is read again (at-least-once) instead of being skipped by the next poll."""
+        first: dict[int, int] = {}
+        for m in batch:
+            first[m.partition] = min(first.get(m.partition, m.offset), m.offset)
+        owned = self.assigned_partitions()
+        for partition, offset in first.items():
+            if partition in owned:
+                self.consumer.seek(TopicPartition(self.topic, partition), offset)
+                self._next_offset[partition] = offset
 
     def forget(self, partitions: set[int]) -> None:
         """Drop positions of partitions that moved to another member: when one comes back,
@@ -146,35 +253,65 @@ class KafkaEdge:
 
     def _check_gap(self, partition: int, first_offset: int) -> None:
         expected = self._next_offset.get(partition)
+        tp = TopicPartition(self.topic, partition)
         if expected is None:
             # First records since the assignment: compare with the group's committed offset,
             # which catches a reset after the broker deleted what we had not read yet.
             try:
-                expected = self.consumer.committed(TopicPartition(self.topic, partition))
+                expected = self.consumer.committed(
+                    tp, timeout_ms=int(self.settings.commit_timeout_s * 1e3))
             except KafkaError as exc:
                 log.warning("cannot read the committed offset of %s[%d]: %s", self.topic,
                             partition, exc)
-        if expected is not None and first_offset > expected:
-            skipped = first_offset - expected
-            log.warning(
-                "SKIPPED %d offsets on %s[%d] (%d..%d): the broker no longer has them "
-                "(retention) or they were control records; those events were NOT processed",
-                skipped, self.topic, partition, expected, first_offset - 1,
-            )
-            self.on_gap(partition, skipped)
+        if expected is None or first_offset <= expected:
+            return
+        # Transaction markers, aborted records (read_committed) and compaction leave gaps
+        # that lost nothing. Data was lost only where the log start moved past the position.
+        try:
+            low = self._low_watermark(tp)
+        except KafkaError as exc:
+            log.warning("offsets %d..%d of %s[%d] were not returned and the log start cannot "
+                        "be read (%s); not counted as lost", expected, first_offset - 1,
+                        self.topic, partition, exc)
+            return
+        if low is None or low <= expected:
+            log.debug("%s[%d]: offsets %d..%d were control records, aborted or compacted",
+                      self.topic, partition, expected, first_offset - 1)
+            return
+        skipped = min(low, first_offset) - expected
+        log.warning(
+            "SKIPPED %d offsets on %s[%d] (%d..%d): the broker deleted them (retention) before "
+            "they were read; those events were NOT processed",
+            skipped, self.topic, partition, expected, expected + skipped - 1,
+        )
+        self.on_gap(partition, skipped)
+
+    def _low_watermark(self, tp: TopicPartition) -> int | None:
+        fetcher = getattr(self.consumer, "_fetcher", None)
+        timeout_ms = int(self.settings.commit_timeout_s * 1e3)
+        if fetcher is not None and hasattr(fetcher, "beginning_offsets"):
+            offsets = fetcher.beginning_offsets([tp], timeout_ms)
+        else:
+            offsets = self.consumer.beginning_offsets([tp])
+        return offsets.get(tp)
+
+    # --- producing and committing ----------------------------------------------------------
 
     def send(
         self, topic: str, key: bytes | None, value: bytes | None,
-        headers: list[tuple[str, bytes]] | None = None,
+        headers: list[tuple[str, bytes]] | None = None, origin: object = None,
     ) -> None:
+        """Buffer one record; ``origin`` (e.g. the input message) is handed to ``on_refused``
+        if the producer or the broker refuses this record."""
         try:
             partition = self._partition(topic, key)
             self._futures.append(
                 self.producer.send(topic, key=key, value=value, headers=headers,
                                    partition=partition)
             )
+            self._sent.append(((topic, key, value, headers), origin))
         except KafkaError as exc:
-            raise KafkaEdgeError(f"produce to {topic} failed: {exc}") from exc
+            raise wrap(f"produce to {topic} failed", exc) from exc
 
     def _partition(self, topic: str, key: bytes | None) -> int | None:
         """The default (murmur2) partition of ``key``, memoized: keys repeat, and hashing in
@@ -192,82 +329,214 @@ class KafkaEdge:
             partition = memo[key] = DefaultPartitioner()(key, parts, parts)
         return partition
 
-    def flush_and_commit(self, batch: Sequence[Message]) -> None:
-        """Wait until the broker acknowledged every record sent for ``batch``, then commit it
-        asynchronously: the loop does not wait for the coordinator (the commit's result comes
-        in a later poll; a failed one is retried with the next). Offsets still in flight are
-        committed synchronously on revocation and on close, so a graceful stop or a rebalance
-        re-delivers nothing that was acknowledged."""
-        self.flush()
+    def flush_and_commit(self, batch: Sequence[Message]) -> bool:
+        """Wait until the broker acknowledged every record sent for ``batch``, then commit it.
+
+        Returns whether the commit went through. A commit rejected because the group moved on
+        drops the pending offsets (the new owner re-reads them) and returns False; a commit
+        that timed out keeps them for the next commit. Raises KafkaUnavailable, after seeking
+        the batch's partitions back, when the acks do not come within ``flush_timeout_s``.
+        """
+        try:
+            self.flush()
+        except KafkaEdgeError:
+            self.rewind(batch)
+            raise
         for msg in batch:
             self._uncommitted[msg.partition] = max(
                 self._uncommitted.get(msg.partition, 0), msg.offset + 1
             )
-        self.commit_pending(asynchronous=True)
+        return self.commit_pending()
+
+    def _deadline(self, timeout_s: float) -> float:
+        """``now + timeout_s``, cut to the drain deadline once stopping."""
+        return self._cap(time.monotonic() + timeout_s)
+
+    def _cap(self, deadline: float) -> float:
+        if self.stop.is_set():
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+            deadline = min(deadline, self._drain_deadline)
+        return deadline
 
     def flush(self) -> None:
-        futures, self._futures = self._futures, []
+        """Wait for acks of everything sent, at most ``flush_timeout_s`` (less when draining),
+        beating the heartbeat meanwhile."""
+        futures, self._futures = self._futures, []  # on failure the batch is re-sent anyway
+        sent, self._sent = self._sent, []
         if not futures:
             return
-        self.producer.flush()
+        deadline = self._deadline(self.settings.flush_timeout_s)
+        started = time.monotonic()
+        while True:
+            deadline = self._cap(deadline)  # a SIGTERM meanwhile shortens the wait
+            slice_s = min(deadline - time.monotonic(), _WAIT_SLICE_S)
+            try:
+                self.producer.flush(timeout=max(slice_s, 0.001))
+                self._unacked = False  # flush() covers everything sent so far
+                break
+            except KafkaError as exc:  # KafkaTimeoutError: not all acked within this slice
+                self.beat()
+                waited = time.monotonic() - started
+                if waited > STALL_S:
+                    self.on_stall(f"outputs unacknowledged for {waited:.0f} s")
+                if time.monotonic() >= deadline:
+                    self._unacked = True
+                    pending = sum(1 for f in futures if not f.is_done)
+                    raise KafkaUnavailable(
+                        f"{pending} of {len(futures)} records not acknowledged in time "
+                        f"({type(exc).__name__}); offsets not committed, the batch will be "
+                        "re-delivered"
+                    ) from exc
         failed = [f for f in futures if f.failed()]
+        if failed and self.on_refused is not None:
+            failed = self._replace_refused(futures, sent)
         if failed:
-            raise KafkaEdgeError(
+            error = failed[0].exception
+            cls = KafkaUnavailable if is_transient(error) else KafkaEdgeError
+            raise cls(
                 f"{len(failed)} of {len(futures)} records were not acknowledged: "
-                f"{failed[0].exception}; offsets not committed, the batch will be re-delivered"
+                f"{type(error).__name__}: {error}; offsets not committed, the batch will be "
+                "re-delivered"
             )
 
-    def commit_pending(self, asynchronous: bool = False) -> bool:
-        """Commit acknowledged offsets; returns whether a commit was made (or, asynchronous,
-        sent). Entries stay pending until a commit covering them succeeded."""
+    def _replace_refused(
+        self, futures: list[FutureRecordMetadata], sent: list[tuple[Record, object]]
+    ) -> list[FutureRecordMetadata]:
+        """Send ``on_refused``'s replacement (e.g. a dead letter that fits) for every record
+        refused for what it is, so such a record never stops its partition; a replacement
+        refused again is reported as final and dropped. Returns the transient failures."""
+        assert self.on_refused is not None
+        transient: list[FutureRecordMetadata] = []
+        retried: list[tuple[Record, object, FutureRecordMetadata]] = []
+        for future, (record, origin) in zip(futures, sent, strict=True):
+            if not future.failed():
+                continue
+            if not isinstance(future.exception, REFUSED):
+                transient.append(future)
+                continue
+            replacement = self.on_refused(record, origin, future.exception, False)
+            if replacement is not None:
+                topic, key, value, headers = replacement
+                retried.append((replacement, origin, self.producer.send(
+                    topic, key=key, value=value, headers=headers,
+                    partition=self._partition(topic, key))))
+        if retried:
+            timeout_s = self._deadline(self.settings.flush_timeout_s) - time.monotonic()
+            try:
+                self.producer.flush(timeout=max(timeout_s, 0.001))
+            except KafkaError as exc:
+                raise KafkaUnavailable(
+                    f"replacements of refused records not acknowledged in time "
+                    f"({type(exc).__name__}); offsets not committed, the batch will be re-delivered"
+                ) from exc
+        for replacement, origin, future in retried:
+            if future.failed():
+                if isinstance(future.exception, REFUSED):
+                    self.on_refused(replacement, origin, future.exception, True)
+                else:
+                    transient.append(future)
+        return transient
+
+    def commit_pending(self) -> bool:
+        """Commit acknowledged offsets within ``commit_timeout_s``; returns whether a commit
+        was made. Never raises for a transient fault: a rejected commit is counted."""
         if not self._uncommitted:
             return False
-        sent = dict(self._uncommitted)
         offsets = {
             TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
-            for p, o in sent.items()
+            for p, o in self._uncommitted.items()
         }
+        timeout_s = max(self._deadline(self.settings.commit_timeout_s) - time.monotonic(), 0.1)
         try:
-            if asynchronous:
-                self.consumer.commit_async(
-                    offsets, callback=lambda _offsets, result: self._committed(sent, result))
-                return True
-            self.consumer.commit(offsets)
+            self.consumer.commit(offsets, timeout_ms=int(timeout_s * 1e3))
+        except MEMBERSHIP_ERRORS as exc:
+            self._uncommitted.clear()
+            self.on_commit_failed("rebalance")
+            log.warning("offset commit rejected (%s: %s): the group rebalanced; those offsets "
+                        "will be re-delivered", type(exc).__name__, exc)
+            return False
         except KafkaError as exc:
-            raise KafkaEdgeError(f"commit failed: {exc}") from exc
-        self._committed(sent, None)
+            if not is_transient(exc):
+                raise KafkaEdgeError(f"commit failed: {type(exc).__name__}: {exc}") from exc
+            self.on_commit_failed("timeout")
+            log.warning("offset commit failed (%s: %s); retried with the next commit",
+                        type(exc).__name__, exc)
+            return False
+        self._uncommitted.clear()
         return True
 
-    def _committed(self, sent: dict[int, int], result: object) -> None:
-        """Drop pending offsets a successful commit covered (runs inside poll when async)."""
-        if isinstance(result, BaseException):
-            log.warning("asynchronous offset commit failed (%s); retried with the next commit",
-                        result)
-            return
-        for p, o in sent.items():
-            if self._uncommitted.get(p, -1) <= o:
-                self._uncommitted.pop(p, None)
+    # --- state -----------------------------------------------------------------------------
 
     def assigned_partitions(self) -> set[int]:
         return {tp.partition for tp in self.consumer.assignment()}
 
-    def lag(self) -> dict[tuple[str, int], float]:
-        """Messages between our position and the high watermark the last fetch reported.
-        Both are the consumer's local state: measuring lag sends no request."""
-        lags: dict[tuple[str, int], float] = {}
+    def lag(self) -> dict[tuple[str, int], float] | None:
+        """Per assigned partition, messages between our position and the log end now (one
+        ListOffsets round trip, at most 2 s). None when the log end cannot be read: the caller
+        marks its values stale rather than showing a number that may be too low."""
+        positions: dict[TopicPartition, int] = {}
         for tp in self.consumer.assignment():
-            high = self.consumer.highwater(tp)
-            position = self.consumer.position(tp, timeout_ms=0)
-            if high is not None and position is not None:
-                lags[(tp.topic, tp.partition)] = float(max(high - position, 0))
-        return lags
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Flush what is buffered, commit it, leave the group. Safe to call twice."""
-        deadline = time.monotonic() + timeout_s
+            try:
+                position = self.consumer.position(tp, timeout_ms=0)
+            except (KafkaError, AssertionError):  # unassigned meanwhile
+                position = None
+            if position is not None:
+                positions[tp] = position
+        if not positions:
+            return {}
         try:
-            self.producer.flush(timeout=max(deadline - time.monotonic(), 0.1))
-            self.commit_pending()  # what asynchronous commits may not have covered yet
+            fetcher = getattr(self.consumer, "_fetcher", None)
+            if fetcher is not None and hasattr(fetcher, "end_offsets"):
+                ends = fetcher.end_offsets(list(positions), 2000)
+            else:
+                ends = self.consumer.end_offsets(list(positions))
+        except KafkaError as exc:
+            log.debug("cannot read log end offsets: %s", exc)
+            return None
+        return {
+            (tp.topic, tp.partition): float(max(ends[tp] - pos, 0))
+            for tp, pos in positions.items() if tp in ends
+        }
+
+    def close(self) -> bool:
+        """Flush what is buffered, commit it, leave the group, all within the drain deadline
+        (``drain_timeout_s`` from the first wait after ``stop`` was set). Returns whether
+        everything sent was acknowledged and committed. Safe to call twice."""
+        self.stop.set()
+        deadline = self._deadline(self.settings.drain_timeout_s)
+        clean = True
+        try:
+            try:
+                self.flush()
+                if self._unacked:  # records of an earlier, abandoned flush
+                    self.producer.flush(timeout=max(deadline - time.monotonic(), 0.001))
+                    self._unacked = False
+            except KafkaError as exc:
+                clean = False
+                log.error("drain: records still unacknowledged: %s: %s", type(exc).__name__,
+                          exc)
+            except KafkaEdgeError as exc:
+                clean = False
+                log.error("drain: %s", exc)
+            if self._uncommitted and not self.commit_pending():
+                clean = False
         finally:
-            self.producer.close(timeout=max(deadline - time.monotonic(), 0.1))
-            self.consumer.close(autocommit=False)
+            try:
+                self._close_producer(max(deadline - time.monotonic(), 0.1))
+            finally:
+                self.consumer.close(autocommit=False,
+                                    timeout_ms=int(max(deadline - time.monotonic(), 0.1) * 1e3))
+        return clean
+
+    def _close_producer(self, timeout_s: float) -> None:
+        try:
+            self.producer.close(timeout=timeout_s)
+        except KafkaError as exc:
+            # kafka-python's close() flushes first and raises when records are still
+            # unacknowledged, leaving its sender thread running: stop that thread regardless.
+            log.error("closing the producer with records unacknowledged: %s", exc)
+            sender = getattr(self.producer, "_sender", None)
+            if sender is not None:
+                sender.force_close()
+            self.producer._closed = True  # its __del__ would try (and fail) again

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socket import AF_INET6
 from types import TracebackType
@@ -84,6 +84,17 @@ class Metrics:
             ["reason"], registry=reg,
         )
         self.commits = Counter("streamer_commits_total", "Offset commits.", registry=reg)
+        self.negative_latency = Counter(
+            "streamer_negative_latency_total",
+            "Events stamped after they were emitted (clock skew); observed as latency 0.",
+            registry=reg,
+        )
+        self.refused = Counter(
+            "streamer_records_refused_total",
+            "Output records the producer or broker refused (size, format): replaced by a "
+            "dead letter that fits, or dropped when that was refused too.",
+            ["outcome"], registry=reg,
+        )
         self.offsets_skipped_total = Counter(
             "streamer_offsets_skipped_total", "Offsets skipped by out-of-range resets.",
             ["topic", "partition"], registry=reg,
@@ -111,9 +122,38 @@ class Metrics:
         self.assigned_partitions = Gauge(
             "streamer_assigned_partitions", "Partitions assigned to this consumer.", registry=reg
         )
+        self.rebalance_dropped_total = Counter(
+            "streamer_rebalance_dropped_records_total",
+            "Records dropped from a batch because a rebalance revoked their partition.",
+            registry=reg,
+        )
+        self.commit_failures = Counter(
+            "streamer_commit_failures_total",
+            "Offset commits rejected (rebalance) or timed out; re-delivered or retried.",
+            ["reason"], registry=reg,
+        )
+        self.kafka_retries = Counter(
+            "streamer_kafka_retries_total",
+            "Loop iterations that found Kafka unavailable and backed off.", registry=reg,
+        )
+        self.consumer_lag_stale = Gauge(
+            "streamer_consumer_lag_stale",
+            "1 when the last lag measurement failed (lag values are the last known).",
+            registry=reg,
+        )
+        self.model_fallbacks = Counter(
+            "streamer_model_fallbacks_total",
+            "Starts that refused the CURRENT version and served an older one.", registry=reg,
+        )
+        self._commit_failed = {
+            r: self.commit_failures.labels(r) for r in ("rebalance", "timeout")
+        }
         # Known label values start at 0 so rate() works from the first scrape.
         self._evicted = {r: self.key_evictions.labels(r) for r in ("capacity", "ttl")}
-        self._swaps = {o: self.model_swaps.labels(o) for o in ("success", "refused")}
+        self._swaps = {
+            o: self.model_swaps.labels(o) for o in ("success", "refused", "retried")
+        }
+        self._refused = {o: self.refused.labels(o) for o in ("replaced", "dropped")}
         self._dead: dict[str, Any] = {}
         self._skipped: dict[tuple[str, int], Any] = {}
         self._lag: dict[tuple[str, int], Any] = {}
@@ -133,10 +173,17 @@ class Metrics:
         processing_seconds: float,
         n_predictions: int,
     ) -> None:
-        """Per-event end-to-end latencies (non-finite ones dropped) and one batch's processing."""
+        """Per-event end-to-end latencies (non-finite ones dropped, negative ones counted and
+        observed as 0) and one batch's processing."""
         values = np.asarray(end_to_end, dtype=np.float64).ravel()
         # NaN would poison _sum forever; a clock that cannot be read is not a latency.
-        self.end_to_end_latency.observe_many(values[np.isfinite(values)])
+        values = values[np.isfinite(values)]
+        # A negative observation makes _sum fall, which rate() reads as a counter reset.
+        negative = int(np.count_nonzero(values < 0))
+        if negative:
+            self.negative_latency.inc(negative)
+            values = np.maximum(values, 0.0)
+        self.end_to_end_latency.observe_many(values)
         self.processing_latency.observe(processing_seconds)
         self.predictions_out.inc(n_predictions)
 
@@ -145,6 +192,10 @@ class Metrics:
         if child is None:
             child = self._dead.setdefault(reason, self.dead_letter.labels(reason))
         child.inc(n)
+
+    def records_refused(self, outcome: str) -> None:
+        """``outcome``: replaced (by a dead letter) or dropped."""
+        self._refused[outcome].inc()
 
     def committed(self) -> None:
         self.commits.inc()
@@ -170,6 +221,31 @@ class Metrics:
                     child = self.consumer_lag.labels(topic, str(partition))
                     self._lag[(topic, partition)] = child
                 child.set(lag)
+
+    def keep_lag(self, keep: Callable[[str, int], bool]) -> None:
+        """Remove lag series for which ``keep(topic, partition)`` is false."""
+        with self._lock:
+            for gone in [k for k in self._lag if not keep(*k)]:
+                del self._lag[gone]
+                self.consumer_lag.remove(gone[0], str(gone[1]))
+
+    def set_lag_stale(self, stale: bool) -> None:
+        self.consumer_lag_stale.set(1 if stale else 0)
+
+    def rebalance_dropped(self, n: int) -> None:
+        self.rebalance_dropped_total.inc(n)
+
+    def commit_failed(self, reason: str) -> None:
+        child = self._commit_failed.get(reason)
+        if child is None:
+            child = self._commit_failed.setdefault(reason, self.commit_failures.labels(reason))
+        child.inc()
+
+    def kafka_retry(self) -> None:
+        self.kafka_retries.inc()
+
+    def model_fallback(self) -> None:
+        self.model_fallbacks.inc()
 
     def set_keys_resident(self, n: int) -> None:
         self.keys_resident.set(n)

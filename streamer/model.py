@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from streamer.errors import ConfigError
 from streamer.features import FeatureSpec
 
 Task = Literal["regression", "classification"]
@@ -59,8 +60,8 @@ class LSTMModel(nn.Module):
 
     def __init__(self, config: ModelConfig, spec: FeatureSpec) -> None:
         super().__init__()
-        if spec.n_features != config.input_size:
-            raise ValueError(f"spec has {spec.n_features} features, model {config.input_size}")
+        if spec.n_inputs != config.input_size:
+            raise ValueError(f"spec has {spec.n_inputs} input features, model {config.input_size}")
         self.config = config
         self.spec = spec
         # Dropout applies between stacked layers during training only (eval() disables it).
@@ -72,9 +73,9 @@ class LSTMModel(nn.Module):
         self.head = nn.Linear(config.hidden_size, config.output_size)
         self.register_buffer("x_mean", torch.tensor(spec.mean, dtype=torch.float32))
         self.register_buffer("x_std", torch.tensor(spec.std, dtype=torch.float32))
-        t = spec.target_index
-        self.register_buffer("y_mean", torch.tensor(spec.mean[t], dtype=torch.float32))
-        self.register_buffer("y_std", torch.tensor(spec.std[t], dtype=torch.float32))
+        y_mean, y_std = spec.target_norm
+        self.register_buffer("y_mean", torch.tensor(y_mean, dtype=torch.float32))
+        self.register_buffer("y_std", torch.tensor(y_std, dtype=torch.float32))
 
     def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.config.num_layers, batch, self.config.hidden_size)
@@ -120,7 +121,28 @@ class LSTMModel(nn.Module):
         return self.head(out.squeeze(1)), h_n, c_n
 
     def to_prediction(self, y: torch.Tensor) -> torch.Tensor:
-        """Head output to serving units: the target's next value, or P(down, flat, up)."""
+        """Head output to the model-space target (for a spec without per-key normalization and
+        a level target, the target's next value), or P(down, flat, up); see
+        :func:`streamer.features.to_value` for the step to the target's units."""
         if self.config.task == "classification":
             return torch.softmax(y, dim=-1)
         return y * self.y_std + self.y_mean
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a setting: ``auto`` (cuda when torch sees one, else cpu), ``cpu``,
+    ``cuda`` or ``cuda:N``. Raises ConfigError (field ``device``) for a CUDA device torch
+    cannot see. Shared by the streamer and the trainer."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError("device", f"not a torch device: {name!r}") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", "cuda was asked for but torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError("device", f"{name} asked for but torch sees "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    return device

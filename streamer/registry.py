@@ -138,6 +138,42 @@ class Registry:
             )
         return art
 
+    def load_serving(
+        self, device: torch.device | str = "cpu"
+    ) -> tuple[Artifact, str | None, list[str]]:
+        """What to serve at start: the current version or, when it cannot be loaded (corrupt,
+        incomplete, or CURRENT itself unreadable), the newest loadable version HISTORY names.
+
+        Returns (artifact, the CURRENT version that was refused or None, refusal messages).
+        Raises RegistryError when nothing was ever promoted or no named version loads.
+        """
+        refused: list[str] = []
+        failed: str | None = None
+        try:
+            current = self.current()
+        except RegistryError as exc:
+            current, failed = None, CURRENT
+            refused.append(str(exc))
+        if current is None and failed is None:
+            raise RegistryError(f"{self}: no current version (publish or promote one)")
+        if current is not None:
+            try:
+                return self.load(current, device), None, refused
+            except (ArtifactError, RegistryError) as exc:
+                failed = current
+                refused.append(f"{current}: {exc}")
+        tried = {failed}
+        for entry in reversed(self.history()):
+            version = entry.get("version")
+            if not isinstance(version, str) or version in tried:
+                continue
+            tried.add(version)
+            try:
+                return self.load(version, device), failed, refused
+            except (ArtifactError, RegistryError) as exc:
+                refused.append(f"{version}: {exc}")
+        raise RegistryError(f"{self}: no loadable version: " + "; ".join(refused))
+
     def history(self) -> list[dict[str, Any]]:
         """Pointer changes, oldest first; a torn last line (crash mid-append) is skipped."""
         try:
@@ -295,5 +331,9 @@ def resolve_model_path(path: Path, name: str = "default") -> tuple[Path, Registr
     registry = Registry(path, name)
     current = registry.current_path()
     if current is None:
-        raise RegistryError(f"{registry}: no current version; run `trainer init` or train one")
+        raise RegistryError(
+            f"{registry}: no current version; no version was published yet. Publish one with "
+            f"`trainer train --input HISTORY.jsonl --registry {path} --model-name {name}` "
+            f"(or an untrained one with `trainer init --registry {path}`)"
+        )
     return current, registry

@@ -26,10 +26,12 @@ from streamer.artifact import Artifact
 from streamer.edge import Edge, make_edge
 from streamer.encode import encode_predictions
 from streamer.engine import Engine
-from streamer.errors import ConfigError
+from streamer.errors import KafkaEdgeError, KafkaUnavailable
 from streamer.events import DecodedBatch, Message, decode_batch
 from streamer.hotswap import ModelWatcher, open_model_source
+from streamer.kafka_edge import Record
 from streamer.metrics import HealthState, Metrics, MetricsServer
+from streamer.model import resolve_device
 from streamer.settings import StreamerSettings
 from streamer.stages import StageTimer
 from streamer.state import StateStore
@@ -37,14 +39,10 @@ from streamer.state import StateStore
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_S = 1.0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "cuda was asked for but torch sees no CUDA device")
-    return torch.device(name)
+NON_FINITE_OUTPUT = "non_finite_output"  # dead-letter reason: the model step overflowed
+REFUSED_BY_BROKER = "refused_by_broker"  # dead-letter reason: the output record was refused
+DLQ_OVERHEAD = 1024  # bytes kept free under max_request_size for record and batch framing
+REFUSED_VALUE_BYTES = 16 * 1024  # value kept in the dead letter that replaces a refused record
 
 
 class Service:
@@ -60,10 +58,8 @@ class Service:
         self.device = device
         self.version = artifact.metadata.version
         model = artifact.model
-        self.store = StateStore(
-            model.config.num_layers, model.config.hidden_size, model.spec.raw_width,
-            model.spec.n_features, settings.capacity, settings.window, device,
-            settings.key_ttl_s,
+        self.store = StateStore.for_model(
+            model, settings.capacity, settings.window, device, settings.key_ttl_s
         )
         self.engine = Engine(model, self.store)
         self.watcher = watcher
@@ -73,8 +69,12 @@ class Service:
             self.metrics.registry, self.health, settings.metrics_host, settings.metrics_port
         )
         self.metrics.set_model_version(self.version)
+        if watcher is not None and watcher.start_refusals:
+            self.metrics.model_fallback()
         self.edge: Edge | None = None
         self._assigned: set[int] = set()
+        self._fault = ""  # why Kafka cannot be used right now; "" when it can
+        self._commit_problem = ""  # why the last offset commit failed; "" after a success
         self._next_housekeeping = 0.0
         self._next_lag = 0.0
         self.stages = StageTimer()
@@ -108,50 +108,124 @@ class Service:
         self.metrics.offsets_skipped(self.settings.input_topic, partition, skipped)
 
     def _update_ready(self) -> None:
-        ready = bool(self._assigned)
-        self.health.set_ready(ready, "" if ready else "no partitions assigned")
-        self.metrics.set_ready(ready)
+        reason = (self._fault or self._commit_problem
+                  or ("" if self._assigned else "no partitions assigned"))
+        self.health.set_ready(not reason, reason)
+        self.metrics.set_ready(not reason)
+
+    def _set_fault(self, reason: str) -> None:
+        if reason != self._fault:
+            self._fault = reason
+            self._update_ready()
+
+    def _on_dropped(self, n: int) -> None:
+        self.metrics.rebalance_dropped(n)
+
+    def _on_commit_failed(self, reason: str) -> None:
+        self.metrics.commit_failed(reason)
+        if reason == "timeout":  # a rejection by a rebalance is followed by a rejoin
+            self._commit_problem = "offset commits are timing out"
+            self._update_ready()
+
+    def _committed(self) -> None:
+        self.metrics.committed()
+        if self._commit_problem:
+            self._commit_problem = ""
+            self._update_ready()
 
     # --- the loop ----------------------------------------------------------------------
 
     def run(self, stop: threading.Event, edge: Edge | None = None) -> None:
-        """Consume until ``stop`` is set; then finish the batch, flush, commit and leave."""
+        """Consume until ``stop`` is set; then finish the batch, flush, commit and leave.
+
+        Transient Kafka faults (KafkaUnavailable) are retried with exponential backoff up to
+        ``retry_backoff_max_s`` while /readyz says why; anything else ends the loop. Returns
+        only when everything sent was acknowledged and committed; raises KafkaEdgeError when
+        the drain did not finish within ``drain_timeout_s`` (those offsets are re-delivered).
+        """
         self.http.start()
         self.edge = edge or make_edge(
-            self.settings, self._on_assign, self._on_revoke, self._on_gap
+            self.settings, self._on_assign, self._on_revoke, self._on_gap,
+            on_dropped=self._on_dropped, on_commit_failed=self._on_commit_failed,
+            stop=stop, beat=self.health.beat,
+            on_stall=lambda reason: self._set_fault(f"Kafka unavailable: {reason}"),
+            on_refused=self._on_refused,
         )
         if self.watcher is not None:
             self.watcher.start()
+        failure: BaseException | None = None
         try:
-            while not stop.is_set():
-                self.health.beat()
-                self._between_batches()
+            self._loop(stop)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            clean = self._shutdown(failure)
+        if not clean:
+            raise KafkaEdgeError(
+                f"drain did not finish within drain_timeout_s={self.settings.drain_timeout_s}: "
+                "some outputs or offsets were not acknowledged; they will be re-delivered"
+            )
+
+    def _loop(self, stop: threading.Event) -> None:
+        assert self.edge is not None
+        backoff = 0.0
+        while not stop.is_set():
+            self.health.beat()
+            self._between_batches()
+            try:
                 t = self.stages.start()
                 batch = self.edge.poll()
                 self.stages.lap("consume", t)
                 if batch:
                     self.process(batch)
-        finally:
-            # Close in this order: stop swaps, drain and commit, then stop answering probes.
-            self.health.set_ready(False, "shutting down")
-            self.metrics.set_ready(False)
+            except KafkaUnavailable as exc:
+                backoff = min(max(2 * backoff, 0.1), self.settings.retry_backoff_max_s)
+                self.metrics.kafka_retry()
+                self._set_fault(f"Kafka unavailable: {exc}")
+                log.warning("Kafka unavailable, retrying in %.1f s: %s", backoff, exc)
+                stop.wait(backoff)
+                continue
+            backoff = 0.0
+            if self._fault:
+                log.info("Kafka reachable again")
+                self._set_fault("")
+
+    def _shutdown(self, failure: BaseException | None) -> bool:
+        """Close in this order: stop swaps, drain and commit, then stop answering probes."""
+        assert self.edge is not None
+        self.health.set_ready(False, "shutting down")
+        self.metrics.set_ready(False)
+        clean = False
+        try:
             if self.watcher is not None:
                 self.watcher.stop()
-            try:
-                self.edge.close()
-            finally:
-                self.http.stop()
-            log.info("stopped cleanly")
+            clean = self.edge.close()
+        finally:
+            self.http.stop()
+            if failure is not None:
+                log.error("stopped after an error: %s: %s", type(failure).__name__, failure)
+            elif clean:
+                log.info("stopped cleanly")
+            else:
+                log.error("stopped with outputs or offsets not acknowledged within %.0f s; "
+                          "they will be re-delivered", self.settings.drain_timeout_s)
+        return clean
 
     def process(self, batch: Sequence[Message]) -> None:
         assert self.edge is not None
         polled, stages = time.time(), self.stages
+        st = self.settings
         t = stages.start()
-        decoded = decode_batch(batch, self.engine.spec, polled, self.settings.max_future_s)
+        decoded = decode_batch(
+            batch, self.engine.spec, polled, st.max_future_s, max_past_s=st.max_past_s,
+            min_event_time=st.min_event_time, max_key_bytes=st.max_key_bytes,
+        )
         t = stages.lap("decode", t)
         self._dead_letter(batch, decoded)
         stages.lap("produce", t)
         step_s = 0.0
+        emitted = 0
         if decoded.keys:
             parts = [batch[i].partition for i in decoded.index]
             t0 = time.perf_counter()
@@ -162,46 +236,123 @@ class Service:
             stages.add("engine", step_s)
             if evicted:
                 self.metrics.evicted("capacity", evicted)
-            self._emit(batch, decoded, preds)
+            emitted = self._emit(batch, decoded, preds)
         t = stages.start()
-        self.edge.flush_and_commit(batch)
+        if self.edge.flush_and_commit(batch):
+            self._committed()
         stages.lap("commit", t)
         stages.batches += 1
         acked = time.time()
-        self.metrics.committed()
         self.metrics.observe_batch(len(batch), step_s)
         self.metrics.set_keys_resident(len(self.store))
-        self.metrics.observe_latencies(acked - decoded.ts, acked - polled, len(decoded.keys))
+        self.metrics.observe_latencies(acked - decoded.ts, acked - polled, emitted)
 
-    def _emit(self, batch: Sequence[Message], decoded: DecodedBatch, preds: np.ndarray) -> None:
+    def _emit(self, batch: Sequence[Message], decoded: DecodedBatch, preds: np.ndarray) -> int:
+        """Produce one prediction per good event (RFC 8259 JSON: no NaN/Infinity tokens); an
+        event whose prediction is not finite (the engine kept its key's state) becomes a dead
+        letter. Returns the number of predictions produced."""
         assert self.edge is not None
         topic, version, emitted_at = self.settings.output_topic, self.version, time.time()
-        send = self.edge.send
+        col = self.engine.spec.target_raw_column  # predicted change = prediction - last value
+        changes = preds[:, 0] - decoded.raw[:, col] if col is not None and (
+            self.engine.model.config.task == "regression") else None
+        finite = np.isfinite(preds).all(axis=1)
+        if changes is not None:
+            finite &= np.isfinite(changes)
+        for j in np.flatnonzero(~finite).tolist():
+            msg, key = batch[decoded.index[j]], decoded.keys[j]
+            self._send_dead_letter(msg, NON_FINITE_OUTPUT, (
+                f"model {version} gave a non-finite prediction for key {key!r} at "
+                f"offset {msg.offset}; the key keeps its last good state"),
+                [("dlq.key", key.encode()), ("dlq.model.version", version.encode())])
+        good = list(range(len(decoded.keys))) if finite.all() else np.flatnonzero(finite).tolist()
+        msgs = [batch[decoded.index[j]] for j in good]
+        keys = decoded.keys if len(good) == len(decoded.keys) else [decoded.keys[j] for j in good]
         t = self.stages.start()
         values = encode_predictions(
-            decoded.keys, decoded.ts_raw, [batch[i].partition for i in decoded.index],
-            [batch[i].offset for i in decoded.index], preds, version, emitted_at)
+            keys, [decoded.ts_raw[j] for j in good], [m.partition for m in msgs],
+            [m.offset for m in msgs], preds[good], version, emitted_at,
+            None if changes is None else changes[good])
         t = self.stages.lap("encode", t)
-        for key, value in zip(decoded.keys, values, strict=True):
-            send(topic, key.encode(), value)
+        send = self.edge.send
+        for key, value, msg in zip(keys, values, msgs, strict=True):
+            send(topic, key.encode(), value, None, msg)
         self.stages.lap("produce", t)
+        return len(good)
 
     def _dead_letter(self, batch: Sequence[Message], decoded: DecodedBatch) -> None:
-        assert self.edge is not None
-        topic = self.settings.dead_letter_topic
         for i, err in decoded.bad:
-            msg = batch[i]
-            headers = [
-                ("dlq.reason", err.reason.encode()),
-                ("dlq.detail", err.detail.encode("utf-8", "replace")[:1024]),
-                ("dlq.source.topic", self.settings.input_topic.encode()),
-                ("dlq.source.partition", str(msg.partition).encode()),
-                ("dlq.source.offset", str(msg.offset).encode()),
-            ]
-            self.edge.send(topic, msg.key, msg.value, headers)
-            self.metrics.dead_lettered(err.reason)
-            log.debug("dead-lettered %s[%d]@%d: %s", self.settings.input_topic, msg.partition,
-                      msg.offset, err)
+            self._send_dead_letter(batch[i], err.reason, err.detail)
+
+    def _send_dead_letter(
+        self, msg: Message, reason: str, detail: str,
+        extra: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        assert self.edge is not None
+        self.edge.send(*self._dead_letter_record(msg, reason, detail, extra), msg)
+        self.metrics.dead_lettered(reason)
+        log.debug("dead-lettered %s[%d]@%d: %s: %s", self.settings.input_topic, msg.partition,
+                  msg.offset, reason, detail)
+
+    def _dead_letter_record(
+        self, msg: Message, reason: str, detail: str,
+        extra: Sequence[tuple[str, bytes]] = (), max_value: int | None = None,
+    ) -> Record:
+        """A dead letter that can always be produced: a keyless tombstone gets an empty value
+        (header ``dlq.tombstone``); a key longer than ``max_key_bytes`` and a value that would
+        not fit ``max_request_size`` (or ``max_value``) are cut, with the original length in
+        ``dlq.key.truncated`` / ``dlq.value.truncated``."""
+        headers = [
+            ("dlq.reason", reason.encode()),
+            ("dlq.detail", detail.encode("utf-8", "replace")[:1024]),
+            ("dlq.source.topic", self.settings.input_topic.encode()),
+            ("dlq.source.partition", str(msg.partition).encode()),
+            ("dlq.source.offset", str(msg.offset).encode()),
+            *((name, value[:1024]) for name, value in extra),
+        ]
+        budget = self.settings.max_request_size - DLQ_OVERHEAD - sum(
+            len(name) + len(value) + 64 for name, value in headers)
+        key, value = msg.key, msg.value
+        key_limit = min(self.settings.max_key_bytes, budget // 2)
+        if key is not None and len(key) > key_limit:
+            headers.append(("dlq.key.truncated", str(len(key)).encode()))
+            key = key[:key_limit]
+        value_limit = budget - 64 - len(key or b"")
+        if max_value is not None:
+            value_limit = min(value_limit, max_value)
+        if value is not None and len(value) > value_limit:
+            headers.append(("dlq.value.truncated", str(len(value)).encode()))
+            value = value[:max(value_limit, 0)]
+        if key is None and value is None:  # a producer needs one of them
+            headers.append(("dlq.tombstone", b"1"))
+            value = b""
+        return self.settings.dead_letter_topic, key, value, headers
+
+    def _on_refused(
+        self, record: Record, origin: object, exc: Exception, final: bool
+    ) -> Record | None:
+        """The producer or broker refused ``record`` for what it is (size, format): replace it
+        with a small dead letter of its input message, so the partition moves on. A dead
+        letter refused as well is dropped, counted and logged with its coordinates."""
+        topic = record[0]
+        if final or not isinstance(origin, Message):
+            self.metrics.records_refused("dropped")
+            log.error("dropped a record the broker refused for %s (source %r): %s", topic,
+                      origin if not isinstance(origin, Message) else
+                      (origin.partition, origin.offset), exc)
+            return None
+        self.metrics.records_refused("replaced")
+        reason = REFUSED_BY_BROKER
+        if topic == self.settings.dead_letter_topic:  # keep the reason it was dead-lettered for
+            reason = dict(record[3] or []).get("dlq.reason", reason.encode()).decode()
+        else:
+            self.metrics.dead_lettered(reason)
+        log.warning("%s refused a record for %s[%d]@%d: %s; dead-lettering it instead",
+                    topic, self.settings.input_topic, origin.partition, origin.offset, exc)
+        return self._dead_letter_record(
+            origin, reason, f"{topic} refused the record: {type(exc).__name__}: {exc}",
+            [("dlq.refused.topic", topic.encode())], max_value=REFUSED_VALUE_BYTES,
+        )
 
     def _between_batches(self) -> None:
         now = time.time()
@@ -215,13 +366,21 @@ class Service:
                 self.metrics.set_keys_resident(len(self.store))
         if now >= self._next_lag and self.edge is not None:
             self._next_lag = now + self.settings.lag_interval_s
-            self.metrics.set_lag(self.edge.lag())
+            lags = self.edge.lag()
+            self.metrics.set_lag_stale(lags is None)
+            if lags is not None:
+                self.metrics.set_lag(lags)
+            else:  # keep the last values of partitions still assigned, marked stale
+                assigned = self.edge.assigned_partitions()
+                self.metrics.keep_lag(lambda _topic, p: p in assigned)
 
     def _maybe_swap(self) -> None:
         assert self.watcher is not None
         for refused in self.watcher.take_refusals():
             self.metrics.swap("refused")
             log.error("model version refused, still serving %s: %s", self.version, refused)
+        for _ in range(self.watcher.take_retries()):
+            self.metrics.swap("retried")
         candidate = self.watcher.take()
         if candidate is None:
             return

@@ -104,13 +104,36 @@ class KafkaClientSettings(LayeredSettings):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="Kafka security protocol"
     )
-    sasl_mechanism: str | None = Field(
-        None, description="SASL mechanism, e.g. PLAIN or SCRAM-SHA-512"
+    ssl_cafile: Path | None = Field(
+        None, description="PEM file of the CA(s) that signed the brokers' certificates"
     )
-    sasl_username: str | None = Field(None, description="SASL username")
+    ssl_certfile: Path | None = Field(
+        None, description="PEM client certificate (chain) for mutual TLS"
+    )
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of ssl_certfile")
+    ssl_key_password: SecretStr | None = Field(
+        None, description="password of an encrypted ssl_keyfile"
+    )
+    ssl_check_hostname: bool = Field(
+        True, description="verify that the broker certificate matches its host name"
+    )
+    sasl_mechanism: Literal[
+        "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"
+    ] | None = Field(None, description="SASL mechanism (with a SASL_* security_protocol)")
+    sasl_username: str | None = Field(
+        None, description="SASL username (PLAIN, SCRAM-SHA-256/512)"
+    )
     sasl_password: SecretStr | None = Field(
         None, description="SASL password; prefer the env var, flags show up in ps"
     )
+    sasl_oauth_token_url: str | None = Field(
+        None, description="OAUTHBEARER: OAuth 2.0 token endpoint (client-credentials grant)"
+    )
+    sasl_oauth_client_id: str | None = Field(None, description="OAUTHBEARER: client id")
+    sasl_oauth_client_secret: SecretStr | None = Field(
+        None, description="OAUTHBEARER: client secret"
+    )
+    sasl_oauth_scope: str | None = Field(None, description="OAUTHBEARER: requested scope")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="log level"
     )
@@ -120,15 +143,63 @@ class KafkaClientSettings(LayeredSettings):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> KafkaClientSettings:
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and self.sasl_mechanism is None:
+            raise FieldProblem("sasl_mechanism", f"{self.security_protocol} needs a mechanism")
+        if not sasl and self.sasl_mechanism is not None:
+            raise FieldProblem("security_protocol",
+                               f"sasl_mechanism {self.sasl_mechanism} needs SASL_SSL or "
+                               f"SASL_PLAINTEXT, not {self.security_protocol}")
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            for name in ("sasl_username", "sasl_password"):
+                if getattr(self, name) is None:
+                    raise FieldProblem(name, f"{self.sasl_mechanism} needs {name}")
+        if self.sasl_mechanism == "OAUTHBEARER":
+            for name in ("sasl_oauth_token_url", "sasl_oauth_client_id",
+                         "sasl_oauth_client_secret"):
+                if getattr(self, name) is None:
+                    raise FieldProblem(name, f"OAUTHBEARER needs {name}")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise FieldProblem("ssl_certfile", "ssl_keyfile is set without ssl_certfile")
+        return self
+
     def kafka_security_kwargs(self) -> dict[str, Any]:
-        """kafka-python keyword arguments for whatever security settings are set."""
+        """kafka-python keyword arguments (consumer and producer alike) for whatever security
+        settings are set. Secrets appear only here, as the client needs them."""
         kwargs: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            kwargs["ssl_check_hostname"] = self.ssl_check_hostname
+            for name, value in (("ssl_cafile", self.ssl_cafile),
+                                ("ssl_certfile", self.ssl_certfile),
+                                ("ssl_keyfile", self.ssl_keyfile)):
+                if value is not None:
+                    kwargs[name] = str(value)
+            if self.ssl_key_password is not None:
+                kwargs["ssl_password"] = self.ssl_key_password.get_secret_value()
         if self.sasl_mechanism is not None:
             kwargs["sasl_mechanism"] = self.sasl_mechanism
         if self.sasl_username is not None:
             kwargs["sasl_plain_username"] = self.sasl_username
         if self.sasl_password is not None:
             kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        if self.sasl_mechanism == "OAUTHBEARER":
+            from streamer.oauth import ClientCredentialsTokenProvider
+
+            assert self.sasl_oauth_token_url and self.sasl_oauth_client_id
+            assert self.sasl_oauth_client_secret is not None
+            kwargs["sasl_oauth_token_provider"] = ClientCredentialsTokenProvider(
+                self.sasl_oauth_token_url, self.sasl_oauth_client_id,
+                self.sasl_oauth_client_secret, self.sasl_oauth_scope,
+            )
         return kwargs
 
 
@@ -184,11 +255,73 @@ class StreamerSettings(KafkaClientSettings):
     max_future_s: float = Field(
         300, gt=0, description="events stamped further ahead than this are dead-lettered"
     )
+    max_past_s: float | None = Field(
+        None, gt=0,
+        description="events stamped further back than this are dead-lettered; unset: no bound",
+    )
+    min_event_time: float = Field(
+        946_684_800.0,
+        description="events stamped before this epoch second are dead-lettered (2000-01-01)",
+    )
+    max_key_bytes: int = Field(
+        4096, gt=0, description="events whose key is longer (UTF-8 bytes) are dead-lettered"
+    )
+    max_request_size: int = Field(
+        1_048_576, ge=65_536,
+        description="largest record the producer sends (bytes); bigger dead letters are "
+                    "truncated; keep at or below the topics' max.message.bytes",
+    )
+    output_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="compression of produced predictions and dead letters"
+    )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="where a group with no committed offset starts"
     )
     lag_interval_s: float = Field(
         5.0, gt=0, description="seconds between consumer-lag measurements"
+    )
+    # Consumer group membership and fault handling (see README "Consumer group and faults").
+    partition_assignor: Literal["sticky", "range", "roundrobin"] = Field(
+        "sticky", description="partition assignment strategy of the consumer group"
+    )
+    group_instance_id: str | None = Field(
+        None, min_length=1,
+        description="static group membership id (one per replica, e.g. the pod name); a "
+        "restart within session_timeout_ms keeps its partitions without a rebalance",
+    )
+    session_timeout_ms: int = Field(
+        10_000, ge=1000, description="a member silent this long is removed from the group"
+    )
+    heartbeat_interval_ms: int = Field(
+        3_000, ge=100, description="group heartbeat period; below session_timeout_ms / 3"
+    )
+    max_poll_interval_ms: int = Field(
+        60_000, ge=1000,
+        description="longest gap between polls before the member leaves the group; also "
+        "the rebalance timeout",
+    )
+    request_timeout_ms: int = Field(
+        30_000, ge=1000, description="Kafka request timeout; above session_timeout_ms"
+    )
+    isolation_level: Literal["read_committed", "read_uncommitted"] = Field(
+        "read_committed",
+        description="read_committed skips aborted and open transactions of the input topic",
+    )
+    check_crcs: bool = Field(
+        True, description="verify record-batch CRCs (off only for brokers that write none)"
+    )
+    flush_timeout_s: float = Field(
+        30.0, gt=0,
+        description="longest wait for a batch's outputs to be acknowledged before the batch "
+        "is re-delivered",
+    )
+    commit_timeout_s: float = Field(5.0, gt=0, description="longest wait for an offset commit")
+    drain_timeout_s: float = Field(
+        20.0, gt=0,
+        description="on SIGTERM, longest time to flush, commit and leave the group",
+    )
+    retry_backoff_max_s: float = Field(
+        5.0, gt=0, description="longest pause between retries while Kafka is unavailable"
     )
 
     @field_validator("metrics_address")
@@ -204,6 +337,22 @@ class StreamerSettings(KafkaClientSettings):
                 "max_batch_events",
                 f"{self.max_batch_events} exceeds capacity ({self.capacity}); "
                 "a batch can never hold more keys than there are slots",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _group_timeouts(self) -> StreamerSettings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise FieldProblem(
+                "heartbeat_interval_ms",
+                f"{self.heartbeat_interval_ms} ms is more than a third of session_timeout_ms "
+                f"({self.session_timeout_ms} ms); the group would drop this member",
+            )
+        if self.request_timeout_ms <= self.session_timeout_ms:
+            raise FieldProblem(
+                "request_timeout_ms",
+                f"{self.request_timeout_ms} ms must exceed session_timeout_ms "
+                f"({self.session_timeout_ms} ms): a JoinGroup may wait that long",
             )
         return self
 

@@ -1,14 +1,16 @@
 """Per-key state in preallocated device tensors, addressed through a key -> slot map.
 
 One slot holds everything a key needs between events: the LSTM's h and c for every layer, the
-previous raw observation that features depend on, and a ring buffer of the last W feature
-vectors (so a hot-swapped model can re-warm the key). Slots are recycled: least recently used
-keys are evicted at capacity, idle keys after an optional TTL, and a partition's keys when the
-partition is revoked. A new or evicted key starts from zeros.
+previous raw observation that features depend on, the key's normalization statistics and
+event count (``stats``, ``count``: see ``streamer.features.normalize_steps``), and a ring buffer
+of the last W model inputs (so a hot-swapped model can re-warm the key). Slots are recycled:
+least recently used keys are evicted at capacity, idle keys after an optional TTL, and a
+partition's keys when the partition is revoked. A new or evicted key starts from zeros.
 
 Usage::
 
     store = StateStore(layers=2, hidden=64, raw_width=8, n_features=8, capacity=100_000)
+    store = StateStore.for_model(model, capacity=100_000, window=32)
     slots, is_new, evicted = store.assign(["k1", "k2"], [0, 3], now=time.time())
 """
 
@@ -19,6 +21,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
+
+from streamer.features import STAT_SLOTS
+from streamer.model import LSTMModel
 
 
 class StateStore:
@@ -32,6 +37,7 @@ class StateStore:
         window: int = 32,
         device: torch.device | str = "cpu",
         ttl_s: float | None = None,
+        stat_width: int = 0,
     ) -> None:
         self.capacity = capacity
         self.window = window
@@ -43,6 +49,9 @@ class StateStore:
         self.prev_raw = torch.zeros(capacity, raw_width, dtype=torch.float64, device=dev)  # [S, R]
         self.prev_ts = torch.zeros(capacity, dtype=torch.float64, device=dev)  # [S]
         self.has_prev = torch.zeros(capacity, dtype=torch.bool, device=dev)  # [S]
+        self.stats = torch.zeros(capacity, stat_width, STAT_SLOTS, dtype=torch.float64,
+                                 device=dev)  # [S, C, 3] per-key normalization statistics
+        self.count = torch.zeros(capacity, dtype=torch.float64, device=dev)  # [S] events seen
         self.win = torch.zeros(capacity, window, n_features, device=dev)  # [S, W, F] ring
         self.win_next = torch.zeros(capacity, dtype=torch.int64, device=dev)  # [S] write pos
         self.win_len = torch.zeros(capacity, dtype=torch.int64, device=dev)  # [S] <= W
@@ -53,6 +62,22 @@ class StateStore:
         self._last_seen = np.zeros(capacity, dtype=np.float64)
         self._free: list[int] = list(range(capacity - 1, -1, -1))
 
+    @classmethod
+    def for_model(
+        cls, model: LSTMModel, capacity: int, window: int = 32,
+        device: torch.device | str = "cpu", ttl_s: float | None = None,
+    ) -> StateStore:
+        """A store shaped for ``model``: its layers, hidden size, raw width, inputs, statistics."""
+        cfg, spec = model.config, model.spec
+        return cls(cfg.num_layers, cfg.hidden_size, spec.raw_width, spec.n_inputs, capacity,
+                   window, device, ttl_s, spec.stat_width)
+
+    def reshape(self, layers: int, hidden: int) -> None:
+        """Re-allocate h and c as [layers, capacity, hidden] zeros (a model of another depth or
+        width); everything else a key keeps (features memory, statistics, window) stays."""
+        self.h = torch.zeros(layers, self.capacity, hidden, device=self.device)
+        self.c = torch.zeros(layers, self.capacity, hidden, device=self.device)
+
     def __len__(self) -> int:
         return len(self._slot_of)
 
@@ -62,8 +87,8 @@ class StateStore:
     @property
     def bytes_per_key(self) -> int:
         """Device bytes one slot costs (all state tensors divided by capacity)."""
-        tensors = (self.h, self.c, self.prev_raw, self.prev_ts, self.has_prev, self.win,
-                   self.win_next, self.win_len)
+        tensors = (self.h, self.c, self.prev_raw, self.prev_ts, self.has_prev, self.stats,
+                   self.count, self.win, self.win_next, self.win_len)
         return sum(t.element_size() * t.nelement() for t in tensors) // self.capacity
 
     def slot(self, key: str) -> int | None:
@@ -119,6 +144,8 @@ class StateStore:
         self.h[:, slots] = 0.0
         self.c[:, slots] = 0.0
         self.has_prev[slots] = False
+        self.stats[slots] = 0.0
+        self.count[slots] = 0.0
         self.win_next[slots] = 0
         self.win_len[slots] = 0
 

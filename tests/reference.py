@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from streamer.features import sequence_features
+from streamer.features import sequence_inputs, to_value
 from streamer.model import LSTMModel
 
 
@@ -26,7 +26,11 @@ def reference_predictions(
     for idx in by_key.values():
         r = torch.as_tensor(raw[idx], dtype=torch.float64, device=device)
         t = torch.as_tensor(ts[idx], dtype=torch.float64, device=device)
-        x = sequence_features(model.spec, r, t).unsqueeze(0)
-        y, _ = model(x)
-        out[idx] = model.to_prediction(y[0]).cpu().numpy()
+        x, loc, scale = sequence_inputs(model.spec, r, t)
+        y, _ = model(x.unsqueeze(0))
+        pred = model.to_prediction(y[0])
+        col = model.spec.target_raw_column
+        if model.config.task == "regression" and col is not None:
+            pred = to_value(model.spec, pred[:, 0].double(), r[:, col], loc, scale)[:, None]
+        out[idx] = pred.cpu().numpy()
     return out

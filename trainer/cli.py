@@ -1,7 +1,8 @@
 """`trainer` console script: init, train, evaluate, list, promote, rollback, schedule.
 
-Exit codes: 0 done (a gate refusal is a normal outcome, not an error), 1 the run failed
-(registry, artifact, Kafka), 2 bad settings or usage.
+Exit codes: 0 done, 1 the run failed (registry, artifact, Kafka), 2 bad settings or usage,
+3 `train`: the gate refused the candidate (nothing was published; the reasons and what to do
+next are printed).
 
     trainer init --kind tick --hidden 64 --layers 2 --registry models
     trainer train --input ticks.jsonl --registry models --layers auto --hidden 32,64
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -34,7 +36,7 @@ from streamer.metrics import HealthState, MetricsServer
 from streamer.model import LSTMModel, ModelConfig
 from streamer.registry import Registry, new_version_name
 from streamer.settings import add_settings_arguments, settings_from_args, split_host_port
-from trainer.data import parse_duration
+from trainer.data import parse_duration, parse_time
 from trainer.evaluate import render
 from trainer.pipeline import evaluate_version, run_training
 from trainer.schedule import RunSummary, Scheduler, TrainerMetrics
@@ -43,10 +45,17 @@ from trainer.settings import REGISTRY_FIELDS, TrainerSettings
 log = logging.getLogger("trainer")
 
 _INIT_FIELDS = REGISTRY_FIELDS + (
-    "kind", "features", "readings", "target", "task", "flat_band", "hidden", "layers",
+    "kind", "features", "readings", "target", "target_kind", "extras", "half_life", "task",
+    "flat_band", "hidden", "layers",
     "dropout", "seed",
 )
 _NOT_TRAINING = ("metrics_address", "pushgateway")
+# Hyperparameters and feature choices: `evaluate` scores a model as it was built.
+_TRAINING_ONLY = (
+    "kind", "features", "readings", "target", "target_kind", "extras", "half_life", "task",
+    "flat_band", "epochs", "hidden", "layers", "tolerance", "seq_len", "batch_keys", "lr",
+    "weight_decay", "dropout", "patience", "clip", "seed", "device", "until",
+)
 
 
 def _exclude(keep: Sequence[str]) -> list[str]:
@@ -79,14 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     _progress_arg(p)
     p.add_argument("--force", action="store_true", help="publish even if the gate refuses")
     p.add_argument("--out", type=Path, help="write the model here instead of the registry")
+    p.add_argument("--report", type=Path, metavar="DIR", help="write an HTML report with plots")
 
     p = sub.add_parser("evaluate", help="score a version against current and baselines")
-    add_settings_arguments(p, TrainerSettings, exclude=_NOT_TRAINING)
+    add_settings_arguments(p, TrainerSettings, exclude=_NOT_TRAINING + _TRAINING_ONLY)
     _input_args(p)
+    p.add_argument("--from", dest="score_from", metavar="TIME",
+                   help="score exactly the events from this event time on (ISO-8601, epoch or "
+                        "e.g. 2d); the events before it are warm-up")
+    p.add_argument("--until", dest="score_until", metavar="TIME",
+                   help="score events before this event time (with --from)")
     p.add_argument("--version", help="registry version to score (default: current)")
     p.add_argument("--model", type=Path, help="artifact directory to score instead")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.add_argument("--keys", type=int, default=10, help="per-key rows to print")
+    p.add_argument("--report", type=Path, metavar="DIR", help="write an HTML report with plots")
 
     for name, text in (("list", "list versions"), ("rollback", "back to the previous version")):
         p = sub.add_parser(name, help=text)
@@ -106,12 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["trainer", *(sys.argv[1:] if argv is None else argv)])
+    # Tables of candidates and baselines are wide: don't squeeze them into 80 columns in a
+    # pipe or a log file.
+    console = Console() if sys.stdout.isatty() else Console(width=140)
 
     def run() -> int:
         settings = settings_from_args(TrainerSettings, args)
         logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return _COMMANDS[args.command](settings, args, Console())
+        return _COMMANDS[args.command](settings, args, console)
 
     return exit_status("trainer", args.command, run)
 
@@ -124,11 +144,15 @@ def cmd_init(settings: TrainerSettings, args: argparse.Namespace, console: Conso
     if settings.depth is None or len(settings.hidden_sizes) != 1:
         raise ConfigError("layers", "init needs one depth and one hidden size, not auto/lists")
     kind = settings.kind or "generic"
-    spec = default_spec(kind, settings.features or 8,
-                        settings.reading_names or ("temp", "vibration", "pressure"),
-                        settings.target)
-    config = ModelConfig(input_size=spec.n_features, hidden_size=settings.hidden_sizes[0],
-                         num_layers=settings.depth, dropout=settings.dropout,
+    if kind == "tick":
+        spec = default_spec(kind, target=settings.target)
+    else:
+        spec = default_spec(kind, settings.features or 8,
+                            settings.reading_names or ("temp", "vibration", "pressure"),
+                            settings.target, settings.target_kind or "change",
+                            settings.extra_names, settings.half_life)  # type: ignore[arg-type]
+    config = ModelConfig(input_size=spec.n_inputs, hidden_size=settings.hidden_sizes[0],
+                         num_layers=settings.depth, dropout=settings.dropouts[0],
                          task=settings.task, flat_band=settings.flat_band)
     torch.manual_seed(settings.seed)
     model = LSTMModel(config, spec).eval()
@@ -150,18 +174,51 @@ def cmd_init(settings: TrainerSettings, args: argparse.Namespace, console: Conso
     return 0
 
 
+EXIT_REFUSED = 3
+
+
 def cmd_train(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
-    run_training(settings, args.input, force=args.force, out=args.out, console=console,
-                 progress=_progress(args))
+    _writable(args.report)
+    run = run_training(settings, args.input, force=args.force, out=args.out, console=console,
+                       progress=_progress(args), report_dir=args.report,
+                       command=args.command_line)
+    _said_report(args.report, console)
+    if args.out is None and not run.decision.publish:
+        console.print("nothing was published. Next: publish anyway with --force, or keep the "
+                      "candidate with --out DIR and score it with `trainer evaluate --model DIR`")
+        return EXIT_REFUSED
     return 0
 
 
 def cmd_evaluate(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:
-    report = evaluate_version(settings, args.input, version=args.version, model_dir=args.model)
+    _writable(args.report)
+    try:
+        start = parse_time(args.score_from) if args.score_from else None
+        end = parse_time(args.score_until) if args.score_until else None
+    except ValueError as exc:
+        raise ConfigError("from", str(exc)) from exc
+    report = evaluate_version(settings, args.input, version=args.version, model_dir=args.model,
+                              start=start, end=end, report_dir=args.report,
+                              command=args.command_line)
     render(report, console, max_keys=args.keys)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))
+    _said_report(args.report, console)
     return 0
+
+
+def _writable(directory: Path | None) -> None:
+    """Fail before the work, not after it: the report directory must be creatable."""
+    try:
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("report", f"cannot create {directory}: {exc}") from exc
+
+
+def _said_report(directory: Path | None, console: Console) -> None:
+    if directory is not None:
+        console.print(f"wrote the report to {directory / 'index.html'}")
 
 
 def cmd_list(settings: TrainerSettings, args: argparse.Namespace, console: Console) -> int:

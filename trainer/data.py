@@ -6,7 +6,7 @@ features the streamer would compute differently (or on events the streamer would
 
 Usage::
 
-    records = read_files([Path("ticks.jsonl")])              # or read_topic(...).records
+    records = read_files([Path("ticks.jsonl")])     # or trainer.topic.read_topic(...).records
     spec = resolve_spec(records, kind=None)                    # inferred from the first event
     history = decode_history(records, spec)
     history.series["SYM0001"].ts, history.features("SYM0001")  # [T], [T, F]
@@ -21,7 +21,7 @@ import math
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,9 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamer.errors import BadEvent, ConfigError, KafkaEdgeError
+from streamer.errors import BadEvent, ConfigError
 from streamer.events import MILLIS_THRESHOLD, Message, decode
-from streamer.features import EventKind, FeatureSpec, default_spec, sequence_features
+from streamer.features import (
+    EventKind,
+    FeatureSpec,
+    TargetKind,
+    default_spec,
+    sequence_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,121 +155,6 @@ def _csv_event(kind: EventKind, key_col: str, rest: list[str], row: dict[str, st
     return event
 
 
-@dataclass
-class TopicSlice:
-    """What was read from a topic: the records and, per partition, [start, stop) offsets."""
-
-    records: list[Message]
-    offsets: dict[int, tuple[int, int]]
-
-
-def read_topic(
-    bootstrap_servers: str,
-    topic: str,
-    *,
-    since: float | None = None,
-    until: float | None = None,
-    start_offsets: dict[int, int] | int | None = None,
-    consumer_config: Mapping[str, Any] | None = None,
-    timeout_s: float = 120.0,
-) -> TopicSlice:
-    """Read a bounded slice of ``topic``: from a time or offset up to the end offsets seen now.
-
-    ``since``/``until`` select by record timestamp (epoch seconds): the consumer seeks with
-    offsets_for_times and also filters, so a broker that cannot look up times still gives
-    the right records (it only reads more). ``start_offsets`` as a dict reads only the
-    partitions it names. No consumer group: nothing is committed.
-    """
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.errors import KafkaError
-
-    try:
-        consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
-            # Retention may delete the start offset while we read: resume at the new start.
-            auto_offset_reset="earliest", fetch_max_wait_ms=10, client_id="trainer",
-            **dict(consumer_config or {}),
-        )
-    except KafkaError as exc:
-        raise KafkaEdgeError(f"cannot connect to {bootstrap_servers}: {exc}") from exc
-    try:
-        partitions = _partitions(consumer, topic, timeout_s)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        start, stop = _bounds(consumer, tps, since, until, start_offsets)
-        records = _read_to_stop(consumer, start, stop, since, until, timeout_s)
-    except KafkaError as exc:
-        raise KafkaEdgeError(f"reading {topic} from {bootstrap_servers} failed: {exc}") from exc
-    finally:
-        consumer.close()
-    offsets = {tp.partition: (start[tp], stop[tp]) for tp in tps}
-    return TopicSlice(records, offsets)
-
-
-def _partitions(consumer: Any, topic: str, timeout_s: float) -> set[int]:
-    deadline = time.monotonic() + min(timeout_s, 30.0)
-    while True:
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions:
-            return set(partitions)
-        if time.monotonic() > deadline:
-            raise KafkaEdgeError(f"topic {topic!r} not found")
-        time.sleep(0.2)
-
-
-def _bounds(
-    consumer: Any,
-    tps: list[Any],
-    since: float | None,
-    until: float | None,
-    start_offsets: dict[int, int] | int | None,
-) -> tuple[dict[Any, int], dict[Any, int]]:
-    begin = consumer.beginning_offsets(tps)
-    stop = dict(consumer.end_offsets(tps))  # a snapshot: a growing topic still ends
-    start = dict(begin)
-    if isinstance(start_offsets, int):
-        start = {tp: max(begin[tp], start_offsets) for tp in tps}
-    elif start_offsets is not None:
-        start = {tp: max(begin[tp], start_offsets.get(tp.partition, stop[tp])) for tp in tps}
-    for bound, at in ((since, start), (until, stop)):
-        if bound is None:
-            continue
-        found = consumer.offsets_for_times({tp: int(bound * 1000) for tp in tps})
-        for tp, hit in found.items():
-            if hit is not None:  # None: no such record, or a broker that cannot tell
-                at[tp] = max(at[tp], hit.offset) if at is start else min(at[tp], hit.offset)
-    return start, stop
-
-
-def _read_to_stop(
-    consumer: Any,
-    start: dict[Any, int],
-    stop: dict[Any, int],
-    since: float | None,
-    until: float | None,
-    timeout_s: float,
-) -> list[Message]:
-    pending = {tp for tp in start if start[tp] < stop[tp]}
-    for tp in start:
-        consumer.seek(tp, start[tp])
-    lo = -math.inf if since is None else since * 1000
-    hi = math.inf if until is None else until * 1000
-    records: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    while pending:
-        if time.monotonic() > deadline:
-            raise KafkaEdgeError(f"timed out reading to the end offsets ({len(records)} read)")
-        for tp, batch in consumer.poll(timeout_ms=200, max_records=10_000).items():
-            for msg in batch:
-                if msg.offset < stop[tp] and lo <= msg.timestamp < hi:
-                    records.append(Message(msg.key, msg.value, msg.partition, msg.offset))
-        for tp in list(pending):
-            if consumer.position(tp) >= stop[tp]:
-                pending.discard(tp)
-                consumer.pause(tp)
-    return records
-
-
 # --- decoding and features ----------------------------------------------------------------
 
 
@@ -274,12 +165,20 @@ def resolve_spec(
     readings: Sequence[str] | None = None,
     target: str | None = None,
     base: FeatureSpec | None = None,
+    target_kind: TargetKind | None = None,
+    extras: Sequence[str] = (),
+    half_life: float | None = None,
 ) -> FeatureSpec:
     """The feature layout to decode with: explicit arguments, else ``base`` (the production
-    model's spec, so a retrained model stays swappable), else the first event's shape."""
+    model's spec, so a retrained model stays swappable), else the first event's shape.
+
+    ``target`` may be a name (``v0``, ``temp``), ``values[i]`` or ``i``. Generic and sensor
+    specs get ``extras``, ``half_life`` and ``target_kind`` (default ``change``); ticks keep
+    their fixed features."""
     explicit = n_features is not None or bool(readings)
     if base is not None and kind in (None, base.kind) and not explicit:
         spec = base
+        target_kind = target_kind or base.target_kind
     else:
         need_sample = kind is None or (kind == "generic" and n_features is None) or (
             kind == "sensor" and not readings)
@@ -291,13 +190,38 @@ def resolve_spec(
             readings = tuple(sample.get("readings") or ()) or None
         if (kind == "generic" and not n_features) or (kind == "sensor" and not readings):
             raise ConfigError("kind", f"cannot tell the {kind} event layout from the data")
-        spec = default_spec(kind, n_features or 1, tuple(readings or ("x",)))
-    if target is None or target == spec.target:
+        if kind == "tick":
+            spec = default_spec(kind)
+        else:
+            spec = default_spec(kind, n_features or 1, tuple(readings or ("x",)),
+                                extras=tuple(extras),  # type: ignore[arg-type]
+                                half_life=half_life)
+    target = _target_name(target, spec)
+    changes: dict[str, Any] = {}
+    if target is not None and target != spec.target:
+        changes["target"] = target
+    if spec.kind != "tick" and (target_kind or "change") != spec.target_kind:
+        changes["target_kind"] = target_kind or "change"
+    if not changes:
         return spec
     try:
-        return FeatureSpec.model_validate({**spec.model_dump(), "target": target})
+        return FeatureSpec.model_validate({**spec.model_dump(), **changes})
     except ValueError as exc:
         raise ConfigError("target", f"{target!r} is not one of {list(spec.names)}") from exc
+
+
+def _target_name(target: str | None, spec: FeatureSpec) -> str | None:
+    """``values[i]`` and ``i`` name the i-th value; a name is kept as given."""
+    if target is None:
+        return None
+    match = re.fullmatch(r"\s*(?:values\[(\d+)\]|(\d+))\s*", target)
+    if match is None or target in spec.names:
+        return target
+    i = int(match.group(1) or match.group(2))
+    if i >= len(spec.names):
+        raise ConfigError("target", f"{target!r}: there are {len(spec.names)} values "
+                          f"({list(spec.names)})")
+    return spec.names[i]
 
 
 def _first_object(records: Iterable[Message]) -> dict[str, Any]:
@@ -323,7 +247,7 @@ def _infer_kind(sample: dict[str, Any]) -> EventKind:
 
 @dataclass
 class KeySeries:
-    ts: np.ndarray  # [T] float64 epoch seconds, non-decreasing
+    ts: np.ndarray  # [T] float64 epoch seconds, in arrival order (late events stay late)
     raw: np.ndarray  # [T, R] float64 raw vectors (the spec's layout)
 
 
@@ -345,6 +269,21 @@ class History:
         s = self.series[key]
         x = sequence_features(self.spec, torch.from_numpy(s.raw), torch.from_numpy(s.ts))
         return x.numpy()
+
+    def between(self, since: float | None, until: float | None) -> History:
+        """The events with ``since <= ts < until`` (event time; None: unbounded)."""
+        if since is None and until is None:
+            return self
+        series: dict[str, KeySeries] = {}
+        for key, s in self.series.items():
+            keep = np.ones(len(s.ts), dtype=bool)
+            if since is not None:
+                keep &= s.ts >= since
+            if until is not None:
+                keep &= s.ts < until
+            if keep.any():
+                series[key] = KeySeries(s.ts[keep], s.raw[keep])
+        return History(self.spec, series, self.skipped, self.source)
 
     def data_range(self) -> dict[str, Any]:
         first = min((float(s.ts[0]) for s in self.series.values()), default=math.nan)
@@ -382,6 +321,7 @@ def decode_history(
     for key, events in keys.items():
         ts = np.fromiter((t for t, _ in events), dtype=np.float64, count=len(events))
         raw = np.asarray([r for _, r in events], dtype=np.float64).reshape(-1, spec.raw_width)
-        order = np.argsort(ts, kind="stable")  # Kafka order per partition, time order per key
-        series[key] = KeySeries(ts[order], raw[order])
+        # Record (offset) order per key, as the streamer serves them: a late event is not
+        # moved back in time; its time delta is clamped to 0 (streamer.features).
+        series[key] = KeySeries(ts, raw)
     return History(spec, series, skipped, dict(source or {}))

@@ -1,9 +1,12 @@
-"""Evaluation on the validation window, against baselines computed right here, and the gate.
+"""Evaluation on the test window, against baselines computed right here, and the gate.
 
-Why baselines in every report: an LSTM's error means little alone. Persistence (next = last),
-a moving average and a per-key linear AR(p) fitted on the training part are the bars a model
-must clear; the gate publishes a candidate only if it beats the current model *and*
-persistence on the same validation events (champion/challenger).
+Why baselines in every report: an LSTM's error means little alone. Persistence (no change:
+next = last value; for a tick's log return, a return of 0), seasonal naive (the value one
+season ago, ``season`` events, detected from the training part when not given), a moving
+average and a per-key linear AR(p) on differences fitted on the training part are the bars a
+model must clear; the gate publishes a candidate only if it beats the current model *and* the
+best baseline on the same test events (champion/challenger). MASE is the MAE divided by the
+persistence MAE on the same events.
 
 Direction: a prediction's move is ``pred - last`` (for a change target such as a tick's log
 return, the prediction itself); direction accuracy counts sign agreement over events whose
@@ -30,65 +33,10 @@ from rich.console import Console
 from rich.table import Table
 
 from streamer.model import LSTMModel, Task
-from trainer.train import Dataset, is_change_target, move_classes, predict
+from trainer.baselines import BASELINES, baseline_predictions, detect_season
+from trainer.dataset import Dataset, is_change_target, move_classes, predict
 
-BASELINES = ("persistence", "moving_average", "ar")
-
-
-# --- baselines ------------------------------------------------------------------------------
-
-
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """[K, T]: mean of the last ``window`` values up to and including step t, per key."""
-    csum = np.concatenate([np.zeros((values.shape[0], 1)), np.cumsum(values, axis=1)], axis=1)
-    t = np.arange(values.shape[1])
-    lo = np.maximum(t + 1 - window, 0)
-    return (csum[:, t + 1] - csum[:, lo]) / (t + 1 - lo)
-
-
-def _lags(values: np.ndarray, order: int) -> np.ndarray:
-    """[K, T, 1 + order]: intercept, value at t, t-1, ... (zeros before a key's start)."""
-    k, t = values.shape
-    out = np.zeros((k, t, order + 1))
-    out[..., 0] = 1.0
-    for j in range(order):
-        out[:, j:, j + 1] = values[:, : t - j]
-    return out
-
-
-def _lstsq(design: np.ndarray, target: np.ndarray) -> np.ndarray:
-    # A whisper of ridge keeps a near-constant series (a flat sensor) solvable.
-    gram = design.T @ design
-    gram += 1e-9 * np.trace(gram) / len(gram) * np.eye(len(gram))
-    return np.linalg.solve(gram, design.T @ target)
-
-
-def autoregressive(data: Dataset, order: int) -> np.ndarray:
-    """[K, T] next-value predictions of a per-key linear AR(order) fitted on training pairs.
-
-    A key with too few training pairs uses one AR pooled over every key's training pairs.
-    Steps with fewer than ``order`` past values fall back to persistence.
-    """
-    values = data.last
-    design = _lags(values, order)
-    usable = np.arange(values.shape[1])[None, :] >= order - 1
-    fit_rows = data.train & usable
-    pooled = _lstsq(design[fit_rows], data.next[fit_rows])
-    pred = values.copy()
-    min_rows = max(4 * (order + 1), 20)
-    for i in range(values.shape[0]):
-        rows = fit_rows[i]
-        coef = _lstsq(design[i, rows], data.next[i, rows]) if rows.sum() >= min_rows else pooled
-        pred[i, usable[0]] = design[i, usable[0]] @ coef
-    return pred
-
-
-def baseline_predictions(data: Dataset, ar_order: int = 5, ma_window: int = 8) -> dict[str, Any]:
-    return {
-        "persistence": data.last,
-        "moving_average": moving_average(data.last, ma_window),
-        "ar": autoregressive(data, ar_order),
-    }
+__all__ = ["BASELINES", "evaluate", "gate", "render", "for_metadata"]
 
 
 # --- metrics --------------------------------------------------------------------------------
@@ -142,6 +90,10 @@ def incompatibility(model: LSTMModel, data: Dataset, task: Task, flat_band: floa
     if (spec.kind, spec.names, spec.target) != (data.spec.kind, data.spec.names, data.spec.target):
         return (f"reads {spec.kind} features {list(spec.names)} -> {spec.target}, the data is "
                 f"{data.spec.kind} {list(data.spec.names)} -> {data.spec.target}")
+    mine = (spec.extras, spec.half_life, spec.target_kind)
+    theirs = (data.spec.extras, data.spec.half_life, data.spec.target_kind)
+    if mine != theirs:
+        return f"extras, half-life, target kind {mine}, the candidate's are {theirs}"
     if model.config.task != task:
         return f"task {model.config.task}, the candidate's is {task}"
     if task == "classification" and model.config.flat_band != flat_band:
@@ -175,8 +127,14 @@ def evaluate(
     flat_band: float = 0.0,
     ar_order: int = 5,
     ma_window: int = 8,
+    season: int | None = None,
+    window: str = "test",
+    predictions: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Score models and baselines on the validation pairs, overall and per key."""
+    """Score models and baselines on the ``window`` pairs (``test``, or ``val`` when there is
+    no test window), overall and per key. ``season`` None: detected (:func:`detect_season`),
+    0: no seasonal baseline. ``predictions``, if given, receives each regression predictor's
+    [K, T] next values."""
     predictors: list[_Predictor] = []
     skipped: dict[str, str] = {}
     for name, model in models.items():
@@ -191,25 +149,42 @@ def evaluate(
             predictors.append(_Predictor(name, classes=pred.argmax(-1)))
         else:
             predictors.append(_from_values(name, pred[..., 0], data, task, flat_band))
-    for name, values in baseline_predictions(data, ar_order, ma_window).items():
+    if season is None:
+        season = detect_season(data)
+    for name, values in baseline_predictions(data, ar_order, ma_window, season).items():
         predictors.append(_from_values(name, values, data, task, flat_band))
+    if predictions is not None:
+        predictions.update({p.name: p.values for p in predictors if p.values is not None})
     truth = (data.labels(flat_band), data.next, data.moves)
-    overall = {p.name: _score(p, truth, data.val) for p in predictors}
+    mask = data.window(window)
+    overall = _with_mase({p.name: _score(p, truth, mask) for p in predictors})
     per_key = {
-        key: {p.name: _score(p, truth, (i, data.val[i])) for p in predictors}
-        for i, key in enumerate(data.keys) if data.val[i].any()
+        key: _with_mase({p.name: _score(p, truth, (i, mask[i])) for p in predictors})
+        for i, key in enumerate(data.keys) if mask[i].any()
     }
     return {
         "task": task,
         "target": data.spec.target,
+        "kind": data.spec.kind,
         "primary": "macro_f1" if task == "classification" else "mae",
         "split": data.split,
-        "baselines": {"ar_order": ar_order, "ma_window": ma_window},
+        "window": "test" if window == "test" and data.test.any() else "val",
+        "baselines": {"ar_order": ar_order, "ma_window": ma_window, "season": season},
         "flat_band": flat_band,
         "overall": overall,
         "per_key": per_key,
         "skipped": skipped,
     }
+
+
+def _with_mase(scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Add MASE (MAE / persistence MAE on the same events) to regression scores."""
+    base = scores.get("persistence", {}).get("mae")
+    for metrics in scores.values():
+        if "mae" in metrics:
+            mae = metrics["mae"]
+            metrics["mase"] = _clean(mae / base) if mae is not None and base else None
+    return scores
 
 
 Where = np.ndarray | tuple[int, np.ndarray]  # a [K, T] mask, or (row, [T] mask)
@@ -248,7 +223,8 @@ def gate(
     has_production: bool = False,
     extra_problems: list[str] | None = None,
 ) -> GateDecision:
-    """Publish only if the candidate beats the current model and persistence (strictly).
+    """Publish only if the candidate beats the current model and the best baseline (strictly)
+    on the report's window (the test window).
 
     ``has_production`` says a current model exists: if it could not be scored (different
     features or task) the candidate cannot prove it is better, so it is refused. ``force``
@@ -259,7 +235,10 @@ def gate(
     overall = report["overall"]
     ours = overall["candidate"][primary]
     problems = list(extra_problems or [])
-    rivals = ["persistence"] + (["production"] if has_production else [])
+    baselines = [b for b in BASELINES if b in overall and overall[b].get(primary) is not None]
+    best = (max if higher else min)(baselines, key=lambda b: overall[b][primary]) if (
+        baselines) else "persistence"
+    rivals = [best] + (["production"] if has_production else [])
     for rival in rivals:
         if rival not in overall:
             why = report.get("skipped", {}).get(rival, "not scored")
@@ -279,7 +258,8 @@ def gate(
 
 
 _COLUMNS = {
-    "regression": (("mae", "MAE"), ("rmse", "RMSE"), ("direction_accuracy", "Dir. acc")),
+    "regression": (("mae", "MAE"), ("rmse", "RMSE"), ("direction_accuracy", "Dir. acc"),
+                   ("mase", "MASE")),
     "classification": (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")),
 }
 
@@ -294,7 +274,10 @@ def _fmt(value: Any) -> str:
 
 def _label(name: str, report: Mapping[str, Any]) -> str:
     if name == "ar":
-        return f"AR({report['baselines']['ar_order']}) per key"
+        on = "returns" if report.get("kind") == "tick" else "differences"
+        return f"AR({report['baselines']['ar_order']}) on {on}"
+    if name == "seasonal_naive":
+        return f"seasonal naive ({report['baselines']['season']})"
     if name == "moving_average":
         return f"moving average ({report['baselines']['ma_window']})"
     return name
@@ -304,7 +287,8 @@ def render(report: Mapping[str, Any], console: Console, max_keys: int = 10) -> N
     """The overall table, then the primary metric per key (first ``max_keys`` keys)."""
     cols = _COLUMNS[report["task"]]
     split = report["split"]
-    table = Table(title=f"validation: {split.get('val_pairs')} events after the cut "
+    window = report.get("window", "val")
+    table = Table(title=f"{window}: {split.get(window + '_pairs')} events "
                         f"(target {report['target']}, {report['task']})")
     table.add_column("model")
     for _, title in cols:

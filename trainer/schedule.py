@@ -4,7 +4,11 @@ Why it never dies on a failed run: a broker outage or a bad batch of history at 
 not take retraining down until someone restarts it; the run is logged, counted as
 ``trainer_runs_total{outcome="failed"}`` and the next interval simply tries again.
 Metrics are served on the trainer's own /metrics (default port 9109), or pushed to a
-Pushgateway after every run when one is configured (the scheduler may live behind NAT).
+Pushgateway after every run when one is configured (the scheduler may live behind NAT, or be a
+one-shot Kubernetes CronJob: ``trainer schedule --max-runs 1 --pushgateway ...``). Pushes add
+to the job's group (HTTP POST) and a process that has not succeeded yet leaves
+``trainer_last_success_timestamp_seconds`` out, so a failed run never erases the time of the
+last success an earlier run pushed.
 
 Usage::
 
@@ -21,7 +25,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, pushadd_to_gateway
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,7 @@ class TrainerMetrics:
         )
         self._runs = {o: self.runs.labels(o) for o in OUTCOMES}  # all start at 0
         self._version: str | None = None
+        self.succeeded = False  # whether this process ever set last_success
 
     def observe(self, outcome: str, seconds: float, summary: RunSummary | None) -> None:
         self._runs[outcome].inc()
@@ -74,6 +81,7 @@ class TrainerMetrics:
         if summary.val_mae is not None and math.isfinite(summary.val_mae):
             self.val_mae.set(summary.val_mae)
         if outcome == "success":
+            self.succeeded = True
             self.last_success.set(time.time())
             if summary.version is not None:
                 self._set_version(summary.version)
@@ -157,8 +165,22 @@ class Scheduler:
     def _push(self) -> None:
         if self.pushgateway is None:
             return
+        registry = self.metrics.registry
+        if not self.metrics.succeeded:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Without(self.metrics.registry, self.metrics.last_success))
         try:
-            push_to_gateway(self.pushgateway, job=self.job, registry=self.metrics.registry,
-                            timeout=10)
+            pushadd_to_gateway(self.pushgateway, job=self.job, registry=registry, timeout=10)
         except Exception as exc:  # a missed push must not cost the next run
             log.warning("push to %s failed: %s", self.pushgateway, exc)
+
+
+class _Without(Collector):
+    """``registry``'s metrics except the one ``skip`` exports (for a push)."""
+
+    def __init__(self, registry: CollectorRegistry, skip: Gauge) -> None:
+        self.registry = registry
+        self.skip = {m.name for m in skip.collect()}
+
+    def collect(self) -> list[Metric]:
+        return [m for m in self.registry.collect() if m.name not in self.skip]

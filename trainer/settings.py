@@ -13,11 +13,12 @@ field), through the shared helpers in ``streamer.settings``. Per-invocation inpu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from streamer.features import EXTRAS
 from streamer.settings import KafkaClientSettings, split_host_port
 from trainer.data import parse_offsets, parse_time
 
@@ -48,23 +49,51 @@ class TrainerSettings(KafkaClientSettings):
     )
     features: int | None = Field(None, gt=0, description="generic events: values per event")
     readings: str | None = Field(None, description="sensor events: reading names, comma-separated")
-    target: str | None = Field(None, description="feature whose next value is predicted")
+    target: str | None = Field(
+        None, description="value whose next observation is predicted: its name (v0, temp), "
+        "values[i] or i (generic values are named v0, v1, ... in event order)"
+    )
+    target_kind: Literal["level", "change", "log_return"] | None = Field(
+        None, description="what the model predicts of the target: level, change (default for "
+        "generic and sensor: an output of 0 means no change) or log_return (positive series)"
+    )
+    extras: str = Field(
+        "diff,dt,hour,dow", description="extra generic/sensor features, comma-separated from "
+        "diff, dt, hour, dow (empty: none)"
+    )
+    half_life: float | None = Field(
+        24.0, gt=0, description="per-key normalization half-life in events (unset: off)"
+    )
+    season: int | None = Field(
+        None, ge=0, description="seasonal naive baseline period in events (unset: detected, 0: off)"
+    )
+    folds: int = Field(
+        1, ge=1, le=10, description="rolling-origin backtest: choose on the mean val loss of K "
+        "time-ordered folds (1: the validation window alone)"
+    )
+    test_fraction: float = Field(
+        0.2, ge=0, lt=1, description="share of the newest events held out for the gate's test"
+    )
     task: Literal["regression", "classification"] = Field(
         "regression", description="predict the next value, or its move down/flat/up"
     )
     flat_band: float = Field(0.0, ge=0, description="classification: |move| <= band is flat")
-    epochs: int = Field(30, ge=0, description="most training epochs (early stopping may end)")
+    epochs: int = Field(60, ge=0, description="most training epochs (early stopping may end)")
     hidden: str = Field("64", description="hidden size, or a comma list to try, e.g. 32,64")
     layers: str = Field("2", description="stacked LSTM layers, or auto to try 1, 2 and 3")
     tolerance: float = Field(
         0.01, ge=0, description="auto: keep the smallest model within this relative val loss"
     )
-    seq_len: int = Field(64, gt=0, description="truncated BPTT chunk length in events")
+    seq_len: int = Field(200, gt=0, description="truncated BPTT chunk length in events")
     batch_keys: int = Field(64, gt=0, description="keys per training batch")
     lr: float = Field(3e-3, gt=0, description="Adam learning rate")
-    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout between stacked layers")
-    patience: int = Field(5, gt=0, description="early stopping: epochs without improvement")
+    weight_decay: str = Field(
+        "1e-4", description="AdamW weight decay, or a comma list chosen on validation"
+    )
+    dropout: str = Field(
+        "0.1", description="dropout between stacked layers, or a comma list chosen on validation"
+    )
+    patience: int = Field(8, gt=0, description="early stopping: epochs without improvement")
     clip: float = Field(1.0, gt=0, description="gradient norm clipping")
     seed: int = Field(0, description="random seed (weights init and batch order)")
     val_fraction: float = Field(
@@ -88,6 +117,27 @@ class TrainerSettings(KafkaClientSettings):
         if not sizes or min(sizes) < 1:
             raise ValueError("expected positive sizes such as 64 or 32,64")
         return ",".join(map(str, sizes))
+
+    @field_validator("weight_decay", "dropout")
+    @classmethod
+    def _check_floats(cls, value: str, info: Any) -> str:
+        try:
+            values = [float(p) for p in value.split(",") if p.strip()]
+        except ValueError:
+            raise ValueError("expected numbers such as 0.1 or 0,0.2") from None
+        top = 1.0 if info.field_name == "dropout" else float("inf")
+        if not values or min(values) < 0 or max(values) >= top:
+            raise ValueError(f"expected values in [0, {top}) such as 0 or 0,0.2")
+        return ",".join(map(str, values))
+
+    @field_validator("extras")
+    @classmethod
+    def _check_extras(cls, value: str) -> str:
+        names = [p.strip() for p in value.split(",") if p.strip()]
+        unknown = sorted(set(names) - set(EXTRAS))
+        if unknown:
+            raise ValueError(f"unknown extras {unknown}; choose from {list(EXTRAS)}")
+        return ",".join(names)
 
     @field_validator("layers")
     @classmethod
@@ -123,6 +173,18 @@ class TrainerSettings(KafkaClientSettings):
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
         return tuple(_int_list(self.hidden))
+
+    @property
+    def dropouts(self) -> tuple[float, ...]:
+        return tuple(float(p) for p in self.dropout.split(","))
+
+    @property
+    def weight_decays(self) -> tuple[float, ...]:
+        return tuple(float(p) for p in self.weight_decay.split(","))
+
+    @property
+    def extra_names(self) -> tuple[str, ...]:
+        return tuple(p for p in self.extras.split(",") if p)
 
     @property
     def depth(self) -> int | None:

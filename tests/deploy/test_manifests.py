@@ -308,6 +308,7 @@ def test_k8s_streamer_deployment(k8s: dict[str, dict[str, Any]]) -> None:
     # The pod labels are what the Service and the PodMonitor select on.
     labels = pod["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
     assert k8s["Service"]["spec"]["selector"].items() <= labels.items()
     assert k8s["PodMonitor"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
@@ -329,7 +330,12 @@ def test_k8s_trainer_cronjob(k8s: dict[str, dict[str, Any]]) -> None:
     assert pod["restartPolicy"] == "Never"
     (container,) = pod["containers"]
     assert container["command"] == ["trainer"]
-    assert container["args"][:3] == ["train", "--registry", "/registry"]
+    # One run per slot that pushes its metrics: the pod is gone before any scrape.
+    assert container["args"][:5] == ["schedule", "--every", "6h", "--max-runs", "1"]
+    assert container["args"][5:7] == ["--registry", "/registry"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TRAINER_PUSHGATEWAY"]["value"].startswith("http://")
+    assert "ports" not in container
     claim = pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
     assert claim == k8s["PersistentVolumeClaim"]["metadata"]["name"]
 
@@ -397,3 +403,23 @@ def test_dockerignore_keeps_context_small() -> None:
     entries = set((ROOT / ".dockerignore").read_text(encoding="utf-8").split())
     assert {".venv", ".git", "models", "demo-data", ".pytest_cache"} <= entries
     assert not {"streamer", "trainer", "pyproject.toml"} & entries
+
+
+def test_k8s_timeouts_fit_the_probes_and_grace_period(k8s: dict[str, dict[str, Any]]) -> None:
+    """The drain finishes before the kubelet's SIGKILL; liveness never fires during a bounded
+    wait; every configured value is a valid setting."""
+    from streamer.settings import StreamerSettings
+
+    env = k8s["ConfigMap"]["data"]
+    settings = StreamerSettings(**{k.removeprefix("STREAMER_").lower(): v for k, v in env.items()})
+    spec = k8s["Deployment"]["spec"]["template"]["spec"]
+    watcher_join_s, poll_s = 10, 1  # ModelWatcher.stop() joins for 10 s at most
+    assert spec["terminationGracePeriodSeconds"] > (
+        settings.drain_timeout_s + watcher_join_s + poll_s
+    )
+    (container,) = spec["containers"]
+    heartbeat_timeout_s = 30  # MetricsServer's default
+    longest_unbeaten_wait = max(settings.commit_timeout_s, settings.retry_backoff_max_s)
+    assert longest_unbeaten_wait < heartbeat_timeout_s
+    live = container["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= heartbeat_timeout_s

@@ -87,6 +87,8 @@ MUTATIONS = [
     ("> 10000", "> 20000"),
     ("> 0.01", "> 0.05"),
     ("3 * 6 * 3600", "4 * 6 * 3600"),
+    ("or absent(trainer_last_success_timestamp_seconds)",
+     "or absent(trainer_last_success_timestamp_seconds) * 0 > 1"),
     ("streamer_ready == 0", "streamer_ready < 0"),
     ("expr: absent(streamer_ready)", "expr: absent(streamer_ready) * 0 > 1"),
 ]

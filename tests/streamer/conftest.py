@@ -23,7 +23,7 @@ def make_model(
 ) -> LSTMModel:
     spec = spec or default_spec("generic", n_features=4)
     torch.manual_seed(seed)
-    cfg = ModelConfig(input_size=spec.n_features, hidden_size=hidden, num_layers=layers, task=task)
+    cfg = ModelConfig(input_size=spec.n_inputs, hidden_size=hidden, num_layers=layers, task=task)
     return LSTMModel(cfg, spec).eval().to(device)
 
 

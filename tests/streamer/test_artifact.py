@@ -112,7 +112,7 @@ def test_save_then_load_round_trips_predictions_and_metadata(
     meta = art.metadata
     assert meta == saved
     assert art.path == tmp_path / "a"
-    assert meta.format_version == FORMAT_VERSION == 1
+    assert meta.format_version == FORMAT_VERSION == 2
     assert meta.version == "v7"
     assert (meta.model.input_size, meta.model.hidden_size, meta.model.num_layers) == (n, 16, 2)
     assert meta.task == task and meta.model.task == task
@@ -144,7 +144,7 @@ def test_save_then_load_round_trips_predictions_and_metadata(
 
 def test_metadata_file_is_plain_json_with_the_rebuild_fields(artifact_dir: Path) -> None:
     meta = json.loads((artifact_dir / METADATA).read_text())
-    assert meta["format_version"] == 1 and meta["version"] == "v-test-1"
+    assert meta["format_version"] == 2 and meta["version"] == "v-test-1"
     assert meta["model"]["hidden_size"] == 16 and meta["model"]["num_layers"] == 2
     assert meta["features"]["kind"] == "generic" and len(meta["features"]["mean"]) == 4
     assert {"created_at", "code_version", "metrics", "seed", "data_range"} <= set(meta)
@@ -286,11 +286,30 @@ def test_missing_directory_is_refused(tmp_path: Path) -> None:
     _refusal(tmp_path / "nowhere", "unreadable", CHECKSUMS)
 
 
-@pytest.mark.parametrize("version", [0, 2, 99])
+@pytest.mark.parametrize("version", [0, 3, 99])
 def test_unsupported_format_version_is_refused(artifact_dir: Path, version: int) -> None:
-    _edit_metadata(artifact_dir, {"format_version": version})
+    _edit_metadata(artifact_dir, {"format_version": version, "features.new_thing": 1})
     _rewrite_checksums(artifact_dir)
-    _refusal(artifact_dir, f"format version {version}", f"reads {FORMAT_VERSION}")
+    _refusal(artifact_dir, f"format version {version}", "reads format versions 1, 2")
+
+
+def test_a_format_version_1_artifact_still_loads_and_predicts_the_same(
+    artifact_dir: Path,
+) -> None:
+    """Version 1 had no target_kind, extras, half_life or target_stats: it reads as a level
+    target without extras or per-key statistics, exactly the model it was."""
+    before = load_artifact(artifact_dir)
+    meta = json.loads((artifact_dir / METADATA).read_text())
+    meta["format_version"] = 1
+    for name in ("target_kind", "extras", "half_life", "target_stats"):
+        del meta["features"][name]
+    (artifact_dir / METADATA).write_text(json.dumps(meta))
+    _rewrite_checksums(artifact_dir)
+    old = load_artifact(artifact_dir)
+    spec = old.metadata.features
+    assert (spec.target_kind, spec.extras, spec.half_life) == ("level", (), None)
+    assert_close(_engine_predictions(old.model), _engine_predictions(before.model), rtol=0,
+                 atol=0)
 
 
 @pytest.mark.parametrize(
@@ -314,3 +333,43 @@ def test_metadata_whose_model_and_features_disagree_is_refused(artifact_dir: Pat
     _edit_metadata(artifact_dir, {"model.input_size": 5})
     _rewrite_checksums(artifact_dir)
     _refusal(artifact_dir, "does not build a model")
+
+
+@pytest.mark.parametrize("big", [1e39, -3.5e38, 1.7976931348623157e308])
+def test_float64_weight_that_overflows_float32_is_refused(artifact_dir: Path, big: float) -> None:
+    """Finite in the float64 file, infinite once cast to the model's float32: refused."""
+    weights = {k: v.double() for k, v in _weights(make_model(seed=7)).items()}
+    weights["lstm.weight_hh_l1"][3, 2] = big
+    save_file(weights, str(artifact_dir / WEIGHTS))
+    _rewrite_checksums(artifact_dir)
+    _refusal(artifact_dir, "lstm.weight_hh_l1", "not finite as torch.float32")
+
+
+def test_float64_weights_within_float32_range_still_load(artifact_dir: Path) -> None:
+    weights = {k: v.double() for k, v in _weights(make_model(seed=7)).items()}
+    save_file(weights, str(artifact_dir / WEIGHTS))
+    _rewrite_checksums(artifact_dir)
+    assert load_artifact(artifact_dir).model.lstm.weight_hh_l1.dtype == torch.float32
+
+
+def test_promote_refuses_a_version_that_overflows_float32(tmp_path: Path) -> None:
+    from streamer.registry import Registry
+
+    registry = Registry(tmp_path / "models", "default")
+    good = registry.publish(make_model(seed=7), version="v1", make_current=True)
+    bad = registry.publish(make_model(seed=8), version="v2", make_current=False)
+    weights = {k: v.double() for k, v in _weights(make_model(seed=8)).items()}
+    weights["head.weight"][0, 0] = 1e39
+    save_file(weights, str(registry.path(bad) / WEIGHTS))
+    _rewrite_checksums(registry.path(bad))
+    with pytest.raises(ArtifactError, match="not finite as torch.float32"):
+        registry.promote(bad)
+    assert registry.current() == good
+
+
+def test_save_refuses_non_finite_weights(tmp_path: Path) -> None:
+    model = make_model(seed=7)
+    with torch.no_grad():
+        model.lstm.weight_hh_l0[0, 0] = float("inf")
+    with pytest.raises(ArtifactError, match="weight_hh_l0"):
+        save_artifact(tmp_path / "m", model, version="v1")

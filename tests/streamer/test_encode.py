@@ -10,15 +10,21 @@ import pytest
 from streamer.encode import encode_predictions
 
 
-def _reference(keys, ts_raw, parts, offsets, preds, version, emitted_at):  # type: ignore[no-untyped-def]
-    return [json.dumps({"key": k, "ts": t, "partition": p, "offset": o,
-                        "prediction": preds[j].tolist(), "model_version": version,
-                        "emitted_at": emitted_at}, separators=(",", ":"))
-            for j, (k, t, p, o) in enumerate(zip(keys, ts_raw, parts, offsets, strict=True))]
+def _reference(keys, ts_raw, parts, offsets, preds, version, emitted_at,  # type: ignore[no-untyped-def]
+               changes=None):
+    out = []
+    for j, (k, t, p, o) in enumerate(zip(keys, ts_raw, parts, offsets, strict=True)):
+        record = {"key": k, "ts": t, "partition": p, "offset": o,
+                  "prediction": preds[j].tolist(), "model_version": version,
+                  "emitted_at": emitted_at}
+        if changes is not None:
+            record["change"] = [float(changes[j])]
+        out.append(json.dumps(record, separators=(",", ":"), allow_nan=False))
+    return out
 
 
-@pytest.mark.parametrize("out", [1, 3])
-def test_same_records_as_one_dict_per_event(out: int) -> None:
+@pytest.mark.parametrize("out,with_change", [(1, False), (3, False), (1, True)])
+def test_same_records_as_one_dict_per_event(out: int, with_change: bool) -> None:
     rng = np.random.default_rng(0)
     n = 500
     keys = [f"k{i}" for i in range(n - 4)] + ['quo"te', "back\\slash", "ünï€😀", "a,b],[c"]
@@ -30,8 +36,9 @@ def test_same_records_as_one_dict_per_event(out: int) -> None:
         np.float32)
     preds[0] = 0.0
     preds[1] = -0.0
-    got = encode_predictions(keys, ts_raw, parts, offsets, preds, "v-1", 1.7e9 + 0.25)
-    want = _reference(keys, ts_raw, parts, offsets, preds, "v-1", 1.7e9 + 0.25)
+    changes = preds[:, 0] - rng.normal(size=n) if with_change else None
+    got = encode_predictions(keys, ts_raw, parts, offsets, preds, "v-1", 1.7e9 + 0.25, changes)
+    want = _reference(keys, ts_raw, parts, offsets, preds, "v-1", 1.7e9 + 0.25, changes)
     assert len(got) == n
     for g, w in zip(got, want, strict=True):
         assert json.loads(g) == json.loads(w)  # same keys, values and float bits

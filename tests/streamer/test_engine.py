@@ -19,9 +19,7 @@ def make_model(**kw):  # every model of this module lives on the test device
 
 
 def _store(model, capacity: int = 256, window: int = 8) -> StateStore:
-    cfg = model.config
-    return StateStore(cfg.num_layers, cfg.hidden_size, model.spec.raw_width,
-                      model.spec.n_features, capacity, window=window, device=TEST_DEVICE)
+    return StateStore.for_model(model, capacity, window=window, device=TEST_DEVICE)
 
 
 def _random_stream(rng: np.random.Generator, n: int, n_keys: int, kind: str):
@@ -54,6 +52,32 @@ def test_engine_equals_per_event_reference(kind: str, seed: int) -> None:
         got.append(preds)
     expected = reference_predictions(model, keys, raw, ts)
     assert_close(np.concatenate(got), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("target_kind", ["level", "change", "log_return"])
+def test_engine_equals_reference_for_every_target_kind(target_kind: str) -> None:
+    """Per-key normalization, change, time and calendar features, every target kind: streamed
+    in random batches (with events of a key arriving out of event-time order, which both paths
+    take in arrival order with the time delta clamped) equals the per-key full sequence."""
+    rng = np.random.default_rng(11)
+    spec = default_spec("generic", n_features=4, target="v2", extras=("diff", "dt", "hour", "dow"),
+                        half_life=6.0, target_kind=target_kind)  # type: ignore[arg-type]
+    spec = spec.with_stats(list(rng.normal(size=spec.n_inputs)),
+                           list(rng.uniform(0.5, 2, spec.n_inputs)), (0.1, 1.5))
+    model = make_model(spec=spec, seed=3)
+    keys, raw, ts = _random_stream(rng, 1200, 30, "generic")
+    raw = 50.0 + np.cumsum(raw, axis=0) * 0.1  # positive levels (log_return needs them)
+    ts = 1.7e9 + np.cumsum(rng.exponential(600.0, size=len(ts)))  # hours and days go by
+    late = rng.random(len(ts)) < 0.05
+    ts[late] -= 3600.0  # late events
+    engine = Engine(model, _store(model))
+    cuts = np.sort(rng.choice(np.arange(1, len(keys)), size=40, replace=False))
+    got = []
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(keys)], strict=True):
+        got.append(engine.process(keys[lo:hi], [0] * (hi - lo), raw[lo:hi], ts[lo:hi], 0.0)[0])
+    expected = reference_predictions(model, keys, raw, ts)
+    assert_close(np.concatenate(got), expected, atol=1e-5, rtol=1e-5)
+    assert np.isfinite(expected).all()
 
 
 def test_whole_stream_in_one_batch_equals_one_event_batches() -> None:
@@ -124,3 +148,35 @@ def test_swap_reset_and_keep_policies() -> None:
     assert not engine.store.h.any()
     with pytest.raises(ValueError, match="state shape"):
         engine.swap_model(make_model(hidden=8), "keep")
+
+
+def test_a_key_whose_step_overflows_keeps_its_state_while_others_advance() -> None:
+    """State guard: in one batch, key a's overflowing event leaves a's state (h, c, previous
+    event, re-warm window) as it was and its predictions NaN; key b advances as usual."""
+    spec = default_spec("generic", n_features=4).with_stats([0.0] * 4, [1e-3] * 4)
+    model = _make_model(spec=spec, seed=7, device=TEST_DEVICE)
+    engine = Engine(model, _store(model))
+    store = engine.store
+    good = np.array([[0.5, -1.0, 2.0, 0.25]])
+    engine.process(["a", "b"], [0, 0], np.vstack([good, good]), np.array([1.0, 1.0]), 0.0)
+    slot_a = int(store.assign(["a"], np.array([0]), 0.0)[0][0])
+    before = {n: getattr(store, n)[slot_a].clone() for n in ("prev_raw", "prev_ts", "win",
+                                                              "win_len", "win_next")}
+    h_a, c_a = store.h[:, slot_a].clone(), store.c[:, slot_a].clone()
+    bad = np.array([[3e38, -3e38, 3e38, -3e38]])
+    raw = np.vstack([good, bad, good, good])
+    preds, _ = engine.process(["a", "a", "b", "a"], [0] * 4, raw, np.array([2.0, 3.0, 2.0, 4.0]),
+                              0.0)
+    assert np.isnan(preds[[0, 1, 3]]).all() and np.isfinite(preds[2]).all()
+    assert_close(store.h[:, slot_a], h_a)
+    assert_close(store.c[:, slot_a], c_a)
+    for name, value in before.items():
+        assert torch.equal(getattr(store, name)[slot_a], value), name
+    # b matches the reference that saw only b's events.
+    expected = reference_predictions(model, ["b", "b"], np.vstack([good, good]),
+                                     np.array([1.0, 2.0]))
+    np.testing.assert_allclose(preds[2], expected[1], rtol=1e-5, atol=1e-6)
+    # a goes on from its last good state, as if the batch had not happened.
+    nxt, _ = engine.process(["a"], [0], good, np.array([5.0]), 0.0)
+    ref = reference_predictions(model, ["a", "a"], np.vstack([good, good]), np.array([1.0, 5.0]))
+    np.testing.assert_allclose(nxt[0], ref[1], rtol=1e-5, atol=1e-6)

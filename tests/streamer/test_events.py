@@ -470,3 +470,68 @@ def test_decode_batch_applies_max_future() -> None:
         FUTURE_TIMESTAMP
     )
     assert decode_batch(messages, GENERIC, now=NOW, max_future_s=90).keys == ["k17"]
+
+
+# --- hostile values: float32 range, plausible event times, key length ------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload"),
+    [
+        ("generic", _generic(values=[1.7976931348623157e308] * 3)),
+        ("generic", _generic(values=[1.0, 1e39, 0.0])),
+        ("generic", _generic(values=[-3.5e38, 0.0, 0.0])),
+        ("tick", {"symbol": "A", "ts": NOW, "price": 1e39, "size": 1}),
+        ("tick", {"symbol": "A", "ts": NOW, "price": 1, "size": 1, "bid": 4e38, "ask": 5e38}),
+        ("sensor", {"sensor_id": "p", "ts": NOW,
+                    "readings": {"temp": 1e300, "vibration": 0, "pressure": 0}}),
+    ],
+)
+def test_values_beyond_float32_are_out_of_range(kind: str, payload: dict[str, Any]) -> None:
+    with pytest.raises(BadEvent) as info:
+        decode(_js(payload), None, SPECS[kind], now=NOW)
+    assert info.value.reason == "out_of_range"
+
+
+def test_largest_float32_is_accepted() -> None:
+    ev = decode(_js(_generic(values=[3.4028234663852886e38, -3.4e38, 0.0])), None, GENERIC,
+                now=NOW)
+    assert ev.raw[0] == 3.4028234663852886e38
+
+
+@pytest.mark.parametrize("ts", [0, -1, -1e300, "1970-01-01T00:00:00", 946_684_799])
+def test_event_time_before_min_event_time_is_bad_timestamp(ts: float | str) -> None:
+    with pytest.raises(BadEvent) as info:
+        decode(_js(_generic(ts=ts)), None, GENERIC, now=NOW, min_event_time=946_684_800)
+    assert info.value.reason == "bad_timestamp"
+
+
+def test_event_time_older_than_max_past_is_bad_timestamp() -> None:
+    value = _js(_generic(ts=NOW - 3601))
+    with pytest.raises(BadEvent) as info:
+        decode(value, None, GENERIC, now=NOW, max_past_s=3600)
+    assert info.value.reason == "bad_timestamp"
+    assert decode(_js(_generic(ts=NOW - 3599)), None, GENERIC, now=NOW, max_past_s=3600)
+
+
+@pytest.mark.parametrize("key", ["k" * 65, "é" * 33])  # 65 and 66 UTF-8 bytes
+def test_payload_key_longer_than_the_limit_is_key_too_long(key: str) -> None:
+    with pytest.raises(BadEvent) as info:
+        decode(_js(_generic(key=key)), None, GENERIC, now=NOW, max_key_bytes=64)
+    assert info.value.reason == "key_too_long"
+
+
+def test_kafka_key_longer_than_the_limit_is_key_too_long() -> None:
+    with pytest.raises(BadEvent) as info:
+        decode(_js({"ts": NOW, "values": [1, 2, 3]}), b"k" * 65, GENERIC, now=NOW,
+               max_key_bytes=64)
+    assert info.value.reason == "key_too_long"
+    assert decode(_js({"ts": NOW, "values": [1, 2, 3]}), b"k" * 64, GENERIC, now=NOW,
+                  max_key_bytes=64).key == "k" * 64
+
+
+def test_key_with_a_lone_surrogate_is_refused() -> None:
+    """It could never be written back out as UTF-8 (the prediction's key)."""
+    with pytest.raises(BadEvent) as info:
+        decode(b'{"key": "a\\ud800", "ts": 1, "values": [1, 2, 3]}', None, GENERIC, now=NOW)
+    assert info.value.reason == "not_json"

@@ -5,16 +5,18 @@ the new model, and a corrupt version is refused while the old one keeps serving.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch.testing import assert_close
 
-from streamer.features import sequence_features
+from streamer.features import sequence_inputs
 from streamer.registry import CURRENT, Registry
 
 from ..kafka_helpers import Topics, json_values, produce, read_topic
@@ -31,9 +33,13 @@ def _wait(predicate, timeout_s: float = 30.0) -> None:  # type: ignore[no-untype
         time.sleep(0.05)
 
 
-def test_swap_under_load_rewarms_and_loses_nothing(topics: Topics, tmp_path: Path) -> None:
+@pytest.mark.parametrize("layers,hidden", [(2, 16), (3, 24)], ids=["same-shape", "deeper"])
+def test_swap_under_load_rewarms_and_loses_nothing(
+    topics: Topics, tmp_path: Path, layers: int, hidden: int
+) -> None:
+    """The deeper case re-allocates the state store for 3 layers x 24 between batches."""
     registry = Registry(tmp_path / "registry")
-    old, new = make_model(seed=1), make_model(seed=2)
+    old, new = make_model(seed=1), make_model(seed=2, layers=layers, hidden=hidden)
     v_old = registry.publish(old, make_current=True)
     rng = np.random.default_rng(0)
     n, n_keys = 3000, 40
@@ -88,8 +94,8 @@ def test_swap_under_load_rewarms_and_loses_nothing(topics: Topics, tmp_path: Pat
         m = sum(o["model_version"] == v_old for o in preds)
         if m == 0 or m == len(preds):
             continue
-        feats = sequence_features(new.spec, torch.as_tensor(values[idx], dtype=torch.float64),
-                                  torch.zeros(len(idx), dtype=torch.float64))
+        feats, _, _ = sequence_inputs(new.spec, torch.as_tensor(values[idx], dtype=torch.float64),
+                                      torch.zeros(len(idx), dtype=torch.float64))
         start = max(0, m - WINDOW)
         with torch.no_grad():
             y, _ = new(feats[start:].unsqueeze(0))
@@ -123,16 +129,73 @@ def test_corrupt_version_is_refused_and_old_keeps_serving(
     assert [o["model_version"] for o in out] == [good]
 
 
-def test_version_with_another_state_shape_is_refused(topics: Topics, tmp_path: Path) -> None:
-    """A running streamer cannot re-shape its state: such a version is refused, not served."""
+def test_start_on_corrupt_current_falls_back_to_newest_loadable_in_history(
+    topics: Topics, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = Registry(tmp_path / "registry")
+    registry.publish(make_model(seed=1), make_current=True)
+    good = registry.publish(make_model(seed=2), make_current=True)
+    bad = registry.publish(make_model(seed=3), make_current=True)
+    weights = registry.path(bad) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # truncated on the shared volume
+    settings = settings_for(topics, tmp_path / "registry", registry_poll_s=0.05)
+    event = json.dumps({"key": "a", "ts": time.time(), "values": [1, 2, 3, 4]}).encode()
+    caplog.set_level(logging.ERROR, logger="streamer.hotswap")
+    with running_service(settings) as service:
+        assert service.version == good, "the newest loadable version, not the oldest"
+        text = scrape(service.http.port)[1]
+        assert sample(text, "streamer_model_fallbacks_total") == 1
+        produce(topics.bootstrap, topics.input, [(b"a", event)])
+        out = json_values(read_topic(topics.bootstrap, topics.output, expect=1))
+        time.sleep(0.3)  # several watcher polls: the refused CURRENT is not swapped in
+        assert service.version == good
+    assert [o["model_version"] for o in out] == [good]
+    assert any(bad in r.getMessage() and good in r.getMessage() for r in caplog.records)
+
+
+def test_unreadable_current_pointer_falls_back_too(tmp_path: Path) -> None:
     registry = Registry(tmp_path / "registry")
     good = registry.publish(make_model(seed=1), make_current=True)
+    (registry.dir / CURRENT).write_text("../../etc/passwd\n")
+    artifact, refused, reasons = registry.load_serving()
+    assert artifact.metadata.version == good and refused == CURRENT and reasons
+
+
+def test_incomplete_version_is_retried_until_its_weights_arrive(
+    topics: Topics, tmp_path: Path
+) -> None:
+    """CURRENT names a version whose weights file arrives later (a file-by-file sync): the
+    running streamer retries it with backoff and then serves it, as a fresh start would."""
+    registry = Registry(tmp_path / "registry")
+    good = registry.publish(make_model(seed=1), make_current=True)
+    late = registry.publish(make_model(seed=3))
+    weights = registry.path(late) / "model.safetensors"
+    parked = tmp_path / "in-transit.safetensors"
+    weights.rename(parked)  # the sync has not copied it yet
     settings = settings_for(topics, tmp_path / "registry", registry_poll_s=0.05)
     with running_service(settings) as service:
-        wider = registry.publish(make_model(hidden=24, seed=4), make_current=True)
+        (registry.dir / CURRENT).write_text(late)
         _wait(lambda: sample(scrape(service.http.port)[1], "streamer_model_swaps_total",
-                             'outcome="refused"') == 1)
-        assert service.version == good and registry.current() == wider
-        _, text = scrape(service.http.port)
-    assert sample(text, "streamer_model_info", f'version="{good}"') == 1
-    assert sample(text, "streamer_model_swaps_total", 'outcome="success"') == 0
+                             'outcome="refused"') >= 1)
+        assert service.version == good
+        time.sleep(2.0)  # the weights arrive 2 s later
+        parked.rename(weights)
+        _wait(lambda: service.version == late)
+        text = scrape(service.http.port)[1]
+    assert sample(text, "streamer_model_swaps_total", 'outcome="retried"') >= 1
+    assert sample(text, "streamer_model_swaps_total", 'outcome="success"') == 1
+    assert sample(text, "streamer_model_info", f'version="{late}"') == 1
+
+
+def test_a_newer_version_replaces_one_being_retried(topics: Topics, tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "registry")
+    registry.publish(make_model(seed=1), make_current=True)
+    stuck = registry.publish(make_model(seed=3))
+    (registry.path(stuck) / "model.safetensors").unlink()
+    settings = settings_for(topics, tmp_path / "registry", registry_poll_s=0.05)
+    with running_service(settings) as service:
+        (registry.dir / CURRENT).write_text(stuck)
+        _wait(lambda: sample(scrape(service.http.port)[1], "streamer_model_swaps_total",
+                             'outcome="refused"') >= 1)
+        newer = registry.publish(make_model(seed=5), make_current=True)
+        _wait(lambda: service.version == newer, timeout_s=10)

@@ -31,6 +31,11 @@ METRIC_NAMES = [
     "streamer_model_info",
     "streamer_ready",
     "streamer_assigned_partitions",
+    "streamer_consumer_lag_stale",
+    "streamer_rebalance_dropped_records_total",
+    "streamer_commit_failures_total",
+    "streamer_kafka_retries_total",
+    "streamer_model_fallbacks_total",
 ]
 
 
@@ -204,3 +209,15 @@ def test_default_registry_is_private() -> None:
     a.committed()
     assert a.registry is not b.registry
     assert b.registry.get_sample_value("streamer_commits_total") == 0
+
+
+def test_keep_lag_removes_partitions_no_longer_kept(
+    metrics: Metrics, server: MetricsServer
+) -> None:
+    metrics.set_lag({("events", 0): 5.0, ("events", 1): 3.0})
+    metrics.keep_lag(lambda _topic, partition: partition == 1)
+    metrics.set_lag_stale(True)
+    text = get(server, "/metrics")[2]
+    assert len(series(text, "streamer_consumer_lag_messages")) == 1
+    assert 'streamer_consumer_lag_messages{partition="1",topic="events"} 3.0' in text
+    assert "streamer_consumer_lag_stale 1.0" in text

@@ -63,3 +63,18 @@ def test_model_rejects_spec_with_other_width() -> None:
 
     with pytest.raises(ValueError, match="features"):
         LSTMModel(ModelConfig(input_size=3), default_spec("generic", n_features=4))
+
+
+def test_resolve_device_is_one_function_for_both_processes() -> None:
+    """The streamer and the trainer share it: cpu and auto always work, a CUDA device torch
+    cannot see (cuda, cuda:1) or a bad name fails at start naming the `device` setting."""
+    from streamer.errors import ConfigError
+    from streamer.model import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    missing = torch.cuda.device_count()  # an index one past the last device
+    with pytest.raises(ConfigError, match="device"):
+        resolve_device(f"cuda:{missing}")
+    with pytest.raises(ConfigError, match="device"):
+        resolve_device("tpu-please")

@@ -48,3 +48,42 @@ def test_offsets_lost_to_retention_are_counted_loudly(
         skipped = _skipped(service.http.port)
     assert 0 < skipped < 140
     assert any("SKIPPED" in r.getMessage() for r in caplog.records)
+
+
+
+def test_transaction_markers_are_not_counted_as_lost(
+    topics: Topics, artifact_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each committed transaction leaves a marker offset no consumer sees: a gap that lost
+    nothing, so it is neither counted nor logged as SKIPPED (the log start never moved).
+
+    The embedded broker does not report aborted transactions in fetch responses, so whether
+    read_committed hides aborted records is the broker's and client's part, not tested here;
+    that the setting reaches the consumer is."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": topics.bootstrap,
+                         "transactional.id": f"tx-{topics.input}"})
+    producer.init_transactions(30)
+    now = time.time()
+    for txn in ("a", "b", "c"):
+        producer.begin_transaction()
+        for i in range(5):
+            value = json.dumps({"ts": now, "values": [i, 0, 0, 0]}).encode()
+            producer.produce(topics.input, key=f"{txn}{i}".encode(), value=value, partition=0)
+        producer.commit_transaction(30)
+    del producer
+    # Batches of 5 put each marker at a batch boundary, where gaps are checked.
+    # The embedded broker writes transaction markers without a CRC: skip the check there.
+    settings = settings_for(topics, artifact_dir, isolation_level="read_committed",
+                            check_crcs=False, max_batch_events=5)
+    caplog.set_level(logging.WARNING, logger="streamer.kafka_edge")
+    with running_service(settings) as service:
+        outputs = read_topic(topics.bootstrap, topics.output, expect=15, settle_s=1.0)
+        skipped = _skipped(service.http.port)
+        assert service.edge is not None
+        assert service.edge.consumer.config["isolation_level"] == "read_committed"
+    offsets = sorted(json.loads(r.value)["offset"] for r in outputs)
+    assert len(offsets) == 15 and offsets[-1] > 15, "three markers sit between the records"
+    assert skipped == 0
+    assert not any("SKIPPED" in r.getMessage() for r in caplog.records)

@@ -210,8 +210,9 @@ def test_resolve_model_path(tmp_path: Path, reg: Registry) -> None:
     with pytest.raises(RegistryError, match="neither"):
         resolve_model_path(tmp_path / "missing", "default")
     reg.root.mkdir(parents=True)
-    with pytest.raises(RegistryError, match="no current version"):
+    with pytest.raises(RegistryError, match="no version was published yet") as info:
         resolve_model_path(reg.root, "default")
+    assert f"trainer train --input HISTORY.jsonl --registry {reg.root}" in str(info.value)
     v = reg.publish(make_model(hidden=8, layers=1), make_current=True)
     path, found = resolve_model_path(reg.root, "default")
     assert path == reg.dir / v and found is not None and found.current() == v

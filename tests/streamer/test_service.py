@@ -51,3 +51,37 @@ def _lag(text: str, topic: str, partition: int) -> float:
                       f'partition="{partition}",topic="{topic}"')
     except KeyError:  # not measured yet
         return -1.0
+
+
+def test_lag_counts_records_produced_since_the_last_fetch(
+    topics: Topics, artifact_dir: Path
+) -> None:
+    """Lag is measured against the log end now, not the high watermark the last fetch saw
+    (which reads 0 for a consumer that has just caught up while more arrive)."""
+    from streamer.errors import KafkaUnavailable
+    from streamer.kafka_edge import KafkaEdge
+
+    settings = settings_for(topics, artifact_dir, group_id=f"lag-{topics.input}")
+    edge = KafkaEdge(settings, lambda parts: None, lambda parts: None)
+    try:
+        now = time.time()
+        first = [(b"k%d" % i, json.dumps({"ts": now, "values": [i]}).encode()) for i in range(20)]
+        produce(topics.bootstrap, topics.input, first)
+        got = 0
+        deadline = time.monotonic() + 30
+        while got < 20 and time.monotonic() < deadline:
+            try:
+                batch = edge.poll()
+            except KafkaUnavailable:  # still looking for the group coordinator
+                continue
+            got += len(batch)
+            if batch:
+                edge.flush_and_commit(batch)
+        assert got == 20
+        later = produce(topics.bootstrap, topics.input, first[:12])
+        expected = {(topics.input, p): 0.0 for p in range(4)}
+        for p, _ in later:
+            expected[(topics.input, p)] += 1
+        assert edge.lag() == expected
+    finally:
+        edge.close()

@@ -218,6 +218,7 @@ def test_secret_not_leaked_and_security_kwargs(monkeypatch: pytest.MonkeyPatch) 
     assert s.kafka_security_kwargs() == {
         "security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
         "sasl_plain_username": "svc", "sasl_plain_password": "hunter2",
+        "ssl_check_hostname": True,
     }
 
 
@@ -242,3 +243,42 @@ def test_helpers_are_generic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     add_settings_arguments(parser, _Toy)
     text = " ".join(parser.format_help().split())
     assert "--dry-run, --no-dry-run" in text and "[env: TOY_DRY_RUN]" in text
+
+
+def test_group_timeouts_are_checked_against_each_other() -> None:
+    from streamer.errors import ConfigError
+    from streamer.settings import StreamerSettings, load_settings
+
+    with pytest.raises(ConfigError) as err:
+        load_settings(StreamerSettings, {"session_timeout_ms": 6000,
+                                         "heartbeat_interval_ms": 3000}, None)
+    assert err.value.field == "heartbeat_interval_ms"
+    with pytest.raises(ConfigError) as err:
+        load_settings(StreamerSettings, {"request_timeout_ms": 10000}, None)
+    assert err.value.field == "request_timeout_ms"
+
+
+def test_group_settings_reach_the_consumer() -> None:
+    from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
+
+    from streamer.broker import EmbeddedBroker
+    from streamer.kafka_edge import KafkaEdge
+    from streamer.settings import StreamerSettings
+
+    with EmbeddedBroker() as broker:
+        broker.create_topic("events", 1)
+        settings = StreamerSettings(
+            bootstrap_servers=broker.bootstrap_servers, group_instance_id="pod-0",
+            session_timeout_ms=6000, heartbeat_interval_ms=1000, max_poll_interval_ms=20000,
+            isolation_level="read_uncommitted",
+        )
+        edge = KafkaEdge(settings, lambda p: None, lambda p: None)
+        try:
+            config = edge.consumer.config
+            assert config["group_instance_id"] == "pod-0"
+            assert config["partition_assignment_strategy"] == (StickyPartitionAssignor,)
+            assert (config["session_timeout_ms"], config["heartbeat_interval_ms"],
+                    config["max_poll_interval_ms"]) == (6000, 1000, 20000)
+            assert config["isolation_level"] == "read_uncommitted"
+        finally:
+            edge.close()

@@ -209,12 +209,14 @@ def test_reset_all_zeroes_hidden_state_but_keeps_feature_memory() -> None:
 
 
 def test_bytes_per_key_by_hand() -> None:
-    store = StateStore(layers=2, hidden=64, raw_width=8, n_features=8, capacity=10, window=32)
+    store = StateStore(layers=2, hidden=64, raw_width=8, n_features=8, capacity=10, window=32,
+                       stat_width=8)
     h_and_c = 2 * 2 * 64 * 4
     prev_raw, prev_ts, has_prev = 8 * 8, 8, 1
+    stats, count = 8 * 3 * 8, 8  # per value: EW mean, variance, mean square change (float64)
     window, win_next, win_len = 32 * 8 * 4, 8, 8
-    assert store.bytes_per_key == h_and_c + prev_raw + prev_ts + has_prev + window + win_next \
-        + win_len == 2137
+    assert store.bytes_per_key == h_and_c + prev_raw + prev_ts + has_prev + stats + count \
+        + window + win_next + win_len == 2337
 
 
 def test_tensor_shapes() -> None:

@@ -22,6 +22,15 @@ def tick_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def generic_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 keys, 6000 events of a VAR(1): the other values predict v0, which a univariate AR on
+    v0's differences cannot use, so a trained model beats every baseline in seconds."""
+    path = tmp_path_factory.mktemp("history") / "generic.jsonl"
+    write_jsonl(path, make_simulator("generic", 12, seed=3, n_values=4).events(6000))
+    return path
+
+
+@pytest.fixture(scope="session")
 def small_tick_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("history") / "small.jsonl"
     write_jsonl(path, make_simulator("tick", 4, seed=5).events(1200))

@@ -70,15 +70,17 @@ def test_bad_settings_exit_2_naming_the_field(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_train_publish_gate_list_promote_rollback(
-    tmp_path: Path, tick_file: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, generic_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = str(tmp_path / "models")
     reg = _registry(tmp_path)
-    _init_tick(root, hidden=16, layers=1)
+    assert main(["init", "--features", "4", "--hidden", "16", "--layers", "1",
+                 "--registry", root]) == 0
     untrained = reg.current()
 
-    # A trained model beats the untrained current one and persistence: published.
-    assert main(["train", "--input", str(tick_file), "--registry", root, *FAST]) == 0
+    # A trained model beats the untrained current one and the best baseline on the test
+    # window: published.
+    assert main(["train", "--input", str(generic_file), "--registry", root, *FAST]) == 0
     out = capsys.readouterr().out
     trained = reg.current()
     assert trained != untrained and "gate passes" in out and "persistence" in out
@@ -89,9 +91,11 @@ def test_train_publish_gate_list_promote_rollback(
     assert meta.data_range is not None and meta.data_range["events"] == 6000
 
     # A worse candidate (no training at all) is refused; the current version stays.
-    worse = ["train", "--input", str(tick_file), "--registry", root, *FAST, "--epochs", "0"]
-    assert main(worse) == 0
-    assert "refused" in capsys.readouterr().out and reg.current() == trained
+    worse = ["train", "--input", str(generic_file), "--registry", root, *FAST, "--epochs", "0"]
+    assert main(worse) == 3  # a refusal exits 3 and says what to do next
+    printed = capsys.readouterr().out
+    assert "refused" in printed and "--force" in printed and "--out DIR" in printed
+    assert reg.current() == trained
     assert len(reg.versions()) == 2
     # --force overrides the gate and records that it did.
     assert main([*worse, "--force"]) == 0
@@ -109,22 +113,24 @@ def test_train_publish_gate_list_promote_rollback(
     assert "trainer promote failed: RegistryError" in capsys.readouterr().err
 
 
-def test_a_different_state_shape_is_refused_unless_forced(
-    tmp_path: Path, small_tick_file: Path, capsys: pytest.CaptureFixture[str]
+def test_a_candidate_of_another_depth_is_published(
+    tmp_path: Path, generic_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A running streamer re-shapes its state store on a swap, so a new depth may go live."""
     root = str(tmp_path / "models")
-    _init_tick(root, hidden=32, layers=2)
+    assert main(["init", "--features", "4", "--hidden", "32", "--layers", "2",
+                 "--registry", root]) == 0
     before = _registry(tmp_path).current()
-    assert main(["train", "--input", str(small_tick_file), "--registry", root, *FAST]) == 0
-    assert "cannot hot-swap" in capsys.readouterr().out
-    assert _registry(tmp_path).current() == before
-    # Without shape flags a retrain keeps the current model's shape, so it can go live.
-    assert main(["train", "--input", str(small_tick_file), "--registry", root,
-                 "--epochs", "2", "--device", "cpu", "--no-progress"]) == 0
-    assert "cannot hot-swap" not in capsys.readouterr().out
+    assert main(["train", "--input", str(generic_file), "--registry", root, *FAST]) == 0
+    assert "gate passes" in capsys.readouterr().out
     art = _registry(tmp_path).load()
     assert art.metadata.version != before
-    assert (art.model.config.num_layers, art.model.config.hidden_size) == (2, 32)
+    assert (art.model.config.num_layers, art.model.config.hidden_size) == (1, 16)
+    # Without shape flags a retrain keeps the current model's shape.
+    assert main(["train", "--input", str(generic_file), "--registry", root,
+                 "--epochs", "1", "--device", "cpu", "--no-progress", "--force"]) == 0
+    art = _registry(tmp_path).load()
+    assert (art.model.config.num_layers, art.model.config.hidden_size) == (1, 16)
 
 
 def test_evaluate_prints_and_writes_the_report(
@@ -133,13 +139,14 @@ def test_evaluate_prints_and_writes_the_report(
     root = str(tmp_path / "models")
     _init_tick(root, hidden=16, layers=1)
     first = _registry(tmp_path).current()
-    assert main(["train", "--input", str(small_tick_file), "--registry", root, *FAST]) == 0
+    assert main(["train", "--input", str(small_tick_file), "--registry", root, *FAST,
+                 "--force"]) == 0
     capsys.readouterr()
     report_path = tmp_path / "report.json"
     assert main(["evaluate", "--input", str(small_tick_file), "--registry", root,
                  "--version", str(first), "--json", str(report_path)]) == 0
     out = capsys.readouterr().out
-    assert "AR(5) per key" in out and "persistence" in out
+    assert "AR(5) on returns" in out and "persistence" in out
     report = json.loads(report_path.read_text())
     assert {"candidate", "production", "persistence"} <= set(report["overall"])
     assert report["per_key"] and report["primary"] == "mae"
@@ -167,3 +174,60 @@ def test_console_entry_point_runs() -> None:
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0
     assert "TRAINER_REGISTRY" in proc.stdout and "--layers" in proc.stdout
+
+
+def test_since_until_select_by_event_time_and_an_empty_selection_is_an_error(
+    tmp_path: Path, generic_file: Path, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    events = [json.loads(line) for line in generic_file.read_text().splitlines()]
+    ts = sorted(e["ts"] for e in events)
+    since, until = ts[1000], ts[5000]
+    out = tmp_path / "a"
+    with caplog.at_level("INFO", logger="trainer.pipeline"):
+        assert main(["train", "--input", str(generic_file), "--out", str(out), *FAST,
+                     "--since", str(since), "--until", str(until),
+                     "--registry", str(tmp_path / "models")]) == 0
+    kept = sum(since <= t < until for t in ts)
+    assert f"read {len(events)} records" in caplog.text and f"kept {kept} events" in caplog.text
+    meta = load_artifact(out).metadata
+    assert meta.data_range is not None and meta.data_range["events"] == kept
+    assert meta.data_range["first_ts"] >= since and meta.data_range["last_ts"] < until
+
+    assert main(["train", "--input", str(generic_file), "--out", str(tmp_path / "b"), *FAST,
+                 "--since", "2000-01-01", "--until", "2000-01-02"]) == 2
+    assert "none of the 6000 events" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["train", "--input", str(empty), *FAST]) == 2
+    assert "no records read" in capsys.readouterr().err
+
+
+def test_evaluate_scores_exactly_the_range_with_earlier_events_as_warm_up(
+    tmp_path: Path, generic_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "a"
+    assert main(["train", "--input", str(generic_file), "--out", str(out), *FAST,
+                 "--registry", str(tmp_path / "models")]) == 0
+    events = [json.loads(line) for line in generic_file.read_text().splitlines()]
+    ts = sorted(e["ts"] for e in events)
+    start, end = ts[3000], ts[4000]
+    first_of_key: dict[str, float] = {}
+    for e in sorted(events, key=lambda e: e["ts"]):
+        first_of_key.setdefault(e["key"], e["ts"])
+    expected = sum(start <= e["ts"] < end and e["ts"] != first_of_key[e["key"]] for e in events)
+    report_path = tmp_path / "r.json"
+    capsys.readouterr()
+    assert main(["evaluate", "--input", str(generic_file), "--model", str(out),
+                 "--registry", str(tmp_path / "models"), "--from", str(start),
+                 "--until", str(end), "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["overall"]["candidate"]["n"] == expected == 1000
+    assert report["split"]["from_ts"] == start and report["split"]["until_ts"] == end
+    assert "--epochs" not in subprocess.run(
+        [sys.executable, "-m", "trainer", "evaluate", "--help"], capture_output=True, text=True,
+        check=True).stdout
+    assert main(["evaluate", "--input", str(generic_file), "--model", str(out),
+                 "--registry", str(tmp_path / "models"), "--from", "2000-01-01",
+                 "--until", "2000-01-02"]) == 2
+    assert "no event to score" in capsys.readouterr().err

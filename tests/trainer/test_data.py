@@ -24,9 +24,9 @@ from trainer.data import (
     parse_offsets,
     parse_time,
     read_files,
-    read_topic,
     resolve_spec,
 )
+from trainer.topic import read_topic
 
 
 def test_time_and_offset_arguments() -> None:
@@ -60,7 +60,9 @@ def test_jsonl_and_csv_give_the_same_history(tmp_path: Path) -> None:
         assert np.all(np.diff(a.series[key].ts) >= 0)
 
 
-def test_sensor_csv_and_out_of_order_lines(tmp_path: Path) -> None:
+def test_sensor_csv_and_out_of_order_lines_keep_arrival_order(tmp_path: Path) -> None:
+    """The event-time policy: a key's events stay in arrival (record) order, as the streamer
+    serves them in offset order; the late event's time delta is clamped to 0 in features."""
     path = tmp_path / "s.csv"
     path.write_text("sensor_id,ts,temp,vibration\n"
                     "p1,2025-01-01T00:00:10Z,70.5,0.03\n"
@@ -70,8 +72,8 @@ def test_sensor_csv_and_out_of_order_lines(tmp_path: Path) -> None:
     spec = resolve_spec(records)
     assert spec.kind == "sensor" and spec.names == ("temp", "vibration")
     history = decode_history(records, spec)
-    np.testing.assert_array_equal(history.series["p1"].ts, [1735689600.0, 1735689610.0])
-    np.testing.assert_array_equal(history.series["p1"].raw[:, 0], [70.0, 70.5])
+    np.testing.assert_array_equal(history.series["p1"].ts, [1735689610.0, 1735689600.0])
+    np.testing.assert_array_equal(history.series["p1"].raw[:, 0], [70.5, 70.0])
     assert history.series["p2"].ts[0] == 1735689605.0
 
 
@@ -159,8 +161,8 @@ def test_read_topic_whole_by_offsets_and_by_time(broker: EmbeddedBroker) -> None
 @pytest.mark.integration
 def test_train_from_the_topic(broker: EmbeddedBroker, tmp_path: Path) -> None:
     broker.create_topic("hist-train", partitions=4)
-    events = make_simulator("tick", 12, seed=3).events(6000)
-    _produce(broker, "hist-train", events, "tick")
+    events = make_simulator("generic", 12, seed=3, n_values=4).events(6000)
+    _produce(broker, "hist-train", events, "generic")
     root = tmp_path / "models"
     code = main([
         "train", "--bootstrap-servers", broker.bootstrap_servers, "--topic", "hist-train",
@@ -174,5 +176,5 @@ def test_train_from_the_topic(broker: EmbeddedBroker, tmp_path: Path) -> None:
     assert meta.data_range["events"] == 6000 and meta.data_range["keys"] == 12
     assert set(meta.data_range["offsets"]) == {"0", "1", "2", "3"}
     overall = meta.metrics["evaluation"]["overall"]
-    assert overall["candidate"]["mae"] <= 0.95 * overall["persistence"]["mae"]
+    assert overall["candidate"]["mae"] < min(overall[b]["mae"] for b in ("persistence", "ar"))
     assert meta.metrics["gate"]["publish"] and not meta.metrics["gate"]["forced"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -35,7 +37,7 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_a_failed_run_is_counted_and_the_next_interval_runs_again(
-    tmp_path: Path, small_tick_file: Path
+    tmp_path: Path, generic_file: Path
 ) -> None:
     """The first run fails for real (its history file is missing); the file then appears and
     the next interval trains and publishes. Metrics are read back over HTTP."""
@@ -60,7 +62,7 @@ def test_a_failed_run_is_counted_and_the_next_interval_runs_again(
                 break
             time.sleep(0.02)
         after_failure = _scrape(server.port)
-        shutil.copy(small_tick_file, history)
+        shutil.copy(generic_file, history)
         thread.join(timeout=60)
         assert not thread.is_alive()
         final = _scrape(server.port)
@@ -133,18 +135,72 @@ def pushgateway() -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
 
 
 def test_schedule_cli_pushes_to_a_pushgateway(
-    tmp_path: Path, small_tick_file: Path, pushgateway: tuple[str, list[tuple[str, str, str]]]
+    tmp_path: Path, generic_file: Path, pushgateway: tuple[str, list[tuple[str, str, str]]]
 ) -> None:
     url, received = pushgateway
     code = main([
-        "schedule", "--every", "0.2s", "--max-runs", "2", "--input", str(small_tick_file),
-        "--registry", str(tmp_path / "models"), "--hidden", "8", "--layers", "1",
-        "--epochs", "1", "--device", "cpu", "--pushgateway", url,
+        "schedule", "--every", "0.2s", "--max-runs", "2", "--input", str(generic_file),
+        "--registry", str(tmp_path / "models"), "--hidden", "16", "--layers", "1",
+        "--epochs", "3", "--seq-len", "32", "--device", "cpu", "--pushgateway", url,
     ])
     assert code == 0
     assert len(received) == 2
     method, path, body = received[-1]
-    assert method == "PUT" and path == "/metrics/job/trainer"
+    assert method == "POST" and path == "/metrics/job/trainer"
     samples = _samples(body)
     assert sum(v for (n, _), v in samples.items() if n == "trainer_runs_total") == 2
     assert samples[("trainer_runs_total", (("outcome", "success"),))] >= 1
+
+
+@pytest.fixture
+def real_pushgateway(tmp_path: Path) -> Iterator[str]:
+    """The real Prometheus Pushgateway binary (Debian package prometheus-pushgateway)."""
+    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
+    if binary is None:
+        pytest.skip("no Pushgateway binary: apt-get install prometheus-pushgateway (.ci/run does)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/-/ready", timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "pushgateway did not start"
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _gateway(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        samples = _samples(resp.read().decode())
+    return {(n, tuple(kv for kv in labels if kv[0] not in ("instance",))): v
+            for (n, labels), v in samples.items() if n.startswith("trainer_")}
+
+
+def test_one_shot_runs_push_and_a_failed_run_keeps_the_last_success(
+    tmp_path: Path, generic_file: Path, real_pushgateway: str
+) -> None:
+    """The k8s CronJob runs `trainer schedule --max-runs 1 --pushgateway ...` once per slot:
+    a success is pushed, and a later failed run adds its failure without erasing it."""
+    common = ["--registry", str(tmp_path / "models"), "--hidden", "8", "--layers", "1",
+              "--epochs", "3", "--seq-len", "32", "--device", "cpu",
+              "--pushgateway", real_pushgateway]
+    assert main(["schedule", "--every", "6h", "--max-runs", "1", "--input",
+                 str(generic_file), "--force", *common]) == 0  # a success: published
+    last = ("trainer_last_success_timestamp_seconds", (("job", "trainer"),))
+    first = _gateway(real_pushgateway)
+    assert time.time() - 600 < first[last] <= time.time()
+    assert main(["schedule", "--every", "6h", "--max-runs", "1", "--input",
+                 str(tmp_path / "missing.jsonl"), *common]) == 0
+    after = _gateway(real_pushgateway)
+    assert after[("trainer_runs_total", (("job", "trainer"), ("outcome", "failed")))] == 1
+    assert after[last] == first[last], "a failed run must not erase the last success"

@@ -1,0 +1,181 @@
+"""How the service ends. SIGTERM drains within ``drain_timeout_s`` even when the brokers are
+unreachable, and the exit status tells the truth: non-zero, and no "stopped cleanly", when
+outputs were still in flight. Transient Kafka errors never end it; misconfiguration does,
+without claiming a clean stop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import TopicPartition
+from kafka.errors import (
+    InvalidRequestError,
+    KafkaTimeoutError,
+    NoBrokersAvailable,
+    TopicAuthorizationFailedError,
+)
+
+from streamer.broker import EmbeddedBroker
+from streamer.errors import KafkaEdgeError, KafkaUnavailable
+from streamer.kafka_edge import KafkaEdge
+from streamer.service import Service
+
+from ..kafka_helpers import Topics, produce, read_topic
+from .service_helpers import settings_for
+from .test_cli import _streamer
+
+pytestmark = pytest.mark.integration
+
+DRAIN_S = 3.0
+
+
+def _records(n: int) -> list[tuple[bytes | None, bytes | None]]:
+    now = time.time()
+    return [(f"k{i % 5}".encode(), json.dumps({"ts": now, "values": [i, 1, 0, -1]}).encode())
+            for i in range(n)]
+
+
+def test_sigterm_with_brokers_down_exits_nonzero_within_drain_timeout(
+    artifact_dir: Path,
+) -> None:
+    with EmbeddedBroker(num_brokers=3) as broker:
+        name = f"s-{uuid.uuid4().hex[:8]}"
+        out_topic, group = f"{name}.out", f"g-{name}"
+        for topic, parts in ((name, 2), (out_topic, 2), (f"{name}.dlq", 1)):
+            broker.create_topic(topic, partitions=parts)
+        # Inputs and the coordinator on broker 1, outputs on broker 2: with broker 2 down the
+        # service still reads but its predictions cannot be acknowledged.
+        for p in range(2):
+            broker.set_partition_leader(name, p, 1)
+            broker.set_partition_leader(out_topic, p, 2)
+        broker.set_partition_leader(f"{name}.dlq", 0, 1)
+        broker.set_group_coordinator(group, 1)
+        proc = _streamer(
+            "run", "--bootstrap-servers", broker.bootstrap_servers, "--input-topic", name,
+            "--output-topic", out_topic, "--group-id", group, "--model", str(artifact_dir),
+            "--device", "cpu", "--metrics-address", "127.0.0.1:0",
+            "--drain-timeout-s", str(DRAIN_S), "--session-timeout-ms", "3000",
+            "--heartbeat-interval-ms", "500", "--request-timeout-ms", "6000",
+        )
+        try:
+            produce(broker.bootstrap_servers, name, _records(10))
+            assert len(read_topic(broker.bootstrap_servers, out_topic, expect=10,
+                                  timeout_s=60, settle_s=0)) >= 10, "never predicted"
+            broker.set_broker_down(2)
+            produce(broker.bootstrap_servers, name, _records(20))
+            time.sleep(2.0)  # the service reads them and waits for acks that cannot come
+            broker.set_broker_down(1)
+            broker.set_broker_down(3)
+            proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            out, _ = proc.communicate(timeout=60)
+            elapsed = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 1, out
+    assert "received SIGTERM, draining" in out, out
+    assert "unacknowledged" in out or "not acknowledged" in out, out
+    assert "stopped cleanly" not in out, out
+    assert elapsed < DRAIN_S + 7, f"took {elapsed:.1f} s to stop:\n{out}"
+
+
+class _ScriptedConsumer:
+    """A consumer whose ``poll()`` raises the scripted errors, then returns nothing."""
+
+    def __init__(self, errors: list[Exception]) -> None:
+        self.errors = errors
+        self.polls = 0
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        listener.on_partitions_assigned([TopicPartition(topics[0], 0)])
+
+    def poll(self, timeout_ms: int = 0, max_records: int = 500) -> dict[Any, Any]:
+        self.polls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        time.sleep(timeout_ms / 1000)
+        return {}
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("in", 0)}
+
+    def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int:
+        return 0
+
+    def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: 0 for tp in tps}
+
+    def close(self, autocommit: bool = False, timeout_ms: int | None = None) -> None:
+        pass
+
+
+class _IdleProducer:
+    def flush(self, timeout: float | None = None) -> None:
+        pass
+
+    def close(self, timeout: float | None = None) -> None:
+        pass
+
+
+def _run_with(consumer: _ScriptedConsumer, artifact_dir: Path,
+              stop_after: Callable[[Service], bool]) -> Service:
+    topics = Topics("unused:9092", "in", "out", "in.dlq")
+    settings = settings_for(topics, artifact_dir, retry_backoff_max_s=0.2)
+    service = Service.from_settings(settings)
+    stop = threading.Event()
+    edge = KafkaEdge(settings, service._on_assign, service._on_revoke, service._on_gap,
+                     consumer=consumer, producer=_IdleProducer(),  # type: ignore[arg-type]
+                     stop=stop)
+
+    def watch() -> None:
+        deadline = time.monotonic() + 20
+        while not stop_after(service) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    service.run(stop, edge=edge)
+    return service
+
+
+def test_transient_poll_errors_are_retried_and_reported_not_ready(
+    artifact_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer = _ScriptedConsumer([NoBrokersAvailable(), KafkaTimeoutError(),
+                                  InvalidRequestError("SyncGroup refused")])
+    reasons: list[str] = []
+
+    def recovered(service: Service) -> bool:
+        reasons.append(service.health.not_ready_reason())
+        return consumer.polls > 5 and service.health.ready()
+
+    caplog.set_level(logging.INFO, logger="streamer.service")
+    service = _run_with(consumer, artifact_dir, recovered)
+    assert consumer.polls > 5, "the loop kept polling after the errors"
+    assert any(r.startswith("Kafka unavailable") for r in reasons), set(reasons)
+    assert service.metrics.kafka_retries._value.get() == 3
+    assert any("stopped cleanly" in r.getMessage() for r in caplog.records)
+
+
+def test_misconfiguration_ends_the_loop_without_stopped_cleanly(
+    artifact_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer = _ScriptedConsumer([TopicAuthorizationFailedError("events")])
+    caplog.set_level(logging.INFO, logger="streamer.service")
+    with pytest.raises(KafkaEdgeError) as err:
+        _run_with(consumer, artifact_dir, lambda service: False)
+    assert not isinstance(err.value, KafkaUnavailable)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("stopped after an error" in m for m in messages), messages
+    assert not any("stopped cleanly" in m for m in messages), messages
