@@ -484,7 +484,7 @@ class ConfluentEdge:
         except KafkaEdgeError as exc:
             log.error("flush before a synchronous commit failed: %s", exc)
             return False
-        return self.commit_pending(asynchronous=False)
+        return not self._uncommitted or self.commit_pending(asynchronous=False)
 
     def _deadline(self, timeout_s: float) -> float:
         return self._cap(time.monotonic() + timeout_s)
