@@ -29,7 +29,6 @@ Usage::
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -142,6 +141,8 @@ class ConfluentEdge:
         self.on_refused = on_refused
         self.on_stall = on_stall or (lambda reason: None)
         self._refused: list[tuple[Record, object, KafkaError, bool]] = []
+        # (topic, key, value, origin, final) of records sent since the last flush
+        self._pending: list[tuple[str, bytes | None, bytes | None, object, bool]] = []
         self.generation = 0  # bumped by every rebalance callback
         self._drain_deadline: float | None = None
         self._owned: set[int] = set()
@@ -347,21 +348,21 @@ class ConfluentEdge:
 
     # --- producing and committing ----------------------------------------------------------
 
-    def _delivered(self, err: KafkaError | None, _msg: Any) -> None:
-        """Delivery report; called only for failures (``delivery.report.only.error``)."""
-        if err is not None:
-            self._failures.append(err)
-
-    def _delivered_from(self, origin: object, final: bool, err: KafkaError | None,
-                        msg: Any) -> None:
-        """Delivery failure of a record whose origin ``on_refused`` must be told about."""
+    def _delivered(self, err: KafkaError | None, msg: Any) -> None:
+        """Delivery report; called only for failures (``delivery.report.only.error``). A record
+        refused for what it is is matched back to its origin (a scan, only on this rare path)."""
         if err is None:
             return
-        if err.code() in REFUSED_CODES:
-            record = (msg.topic(), msg.key(), msg.value(), msg.headers())
-            self._refused.append((record, origin, err, final))
-        else:
+        if self.on_refused is None or err.code() not in REFUSED_CODES:
             self._failures.append(err)
+            return
+        record = (msg.topic(), msg.key(), msg.value(), msg.headers())
+        for i, (topic, key, value, origin, final) in enumerate(self._pending):
+            if (topic, key, value) == record[:3]:
+                del self._pending[i]
+                self._refused.append((record, origin, err, final))
+                return
+        self._failures.append(err)
 
     def send(self, topic: str, key: bytes | None, value: bytes | None,
              headers: list[tuple[str, bytes]] | None = None, origin: object = None) -> None:
@@ -371,20 +372,18 @@ class ConfluentEdge:
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None,
                  headers: Headers | None, origin: object, final: bool) -> None:
-        kwargs: dict[str, Any] = {}
-        if self.on_refused is not None:
-            kwargs["on_delivery"] = functools.partial(self._delivered_from, origin, final)
         try:
-            self.producer.produce(topic, value, key, headers=headers,  # type: ignore[arg-type]
-                                  **kwargs)
+            self.producer.produce(topic, value, key, headers=headers)  # type: ignore[arg-type]
         except BufferError:  # the local queue is full: serve acks until there is room
-            self._produce_when_room(topic, key, value, headers, kwargs)
+            self._produce_when_room(topic, key, value, headers)
         except KafkaException as exc:
             err = exc.args[0]
             if self.on_refused is None or err.code() not in REFUSED_CODES:
                 _raise(f"produce to {topic} failed", err)
             self._refuse((topic, key, value, headers), origin, err, final)
             return
+        if self.on_refused is not None:
+            self._pending.append((topic, key, value, origin, final))
         self._sent += 1
 
     def _refuse(self, record: Record, origin: object, err: KafkaError, final: bool) -> None:
@@ -396,13 +395,12 @@ class ConfluentEdge:
             self._produce(topic, key, value, headers, origin, final=True)
 
     def _produce_when_room(self, topic: str, key: bytes | None, value: bytes | None,
-                           headers: Headers | None, kwargs: dict[str, Any]) -> None:
+                           headers: Headers | None) -> None:
         deadline = self._deadline(getattr(self.settings, "flush_timeout_s", 30.0))
         while True:
             self.producer.poll(0.01)
             try:
-                self.producer.produce(topic, value, key, headers=headers,  # type: ignore[arg-type]
-                                      **kwargs)
+                self.producer.produce(topic, value, key, headers=headers)  # type: ignore[arg-type]
                 return
             except BufferError:
                 if time.monotonic() >= deadline:
@@ -442,6 +440,7 @@ class ConfluentEdge:
             if time.monotonic() >= deadline:
                 raise KafkaUnavailable(f"{left} of {sent} records not acknowledged in time; "
                                        "offsets not committed, the batch will be re-delivered")
+        self._pending.clear()  # every delivery report of those records has been served
         if self._refused:  # replacements (e.g. dead letters that fit) go out, then wait again
             refused, self._refused = self._refused, []
             for record, origin, err, final in refused:

@@ -241,12 +241,15 @@ def test_rebalance_during_fill_drops_revoked_and_reads_kept_once(
     service.http.stop()
 
 
-def test_second_member_joining_mid_fill_on_a_real_group(artifact_dir: Path) -> None:
+def test_second_member_joining_mid_fill_on_a_real_group(
+    artifact_dir: Path, kafka_client: str
+) -> None:
     """Member A fills long batches (1 s) from a steady stream while member B joins and
     leaves: every offset gets a prediction, A never holds keys of partitions it does not own,
     and duplicates stay within what rejected commits re-delivered."""
     with scenario(artifact_dir) as s:
-        slow = s.settings(max_batch_wait_ms=1000, max_batch_events=4096, capacity=8192)
+        slow = s.settings(max_batch_wait_ms=1000, max_batch_events=4096, capacity=8192,
+                          kafka_client=kafka_client)
         with running_service(slow) as a:
             deadline = time.monotonic() + 30
             while not a.health.ready() and time.monotonic() < deadline:
@@ -254,7 +257,7 @@ def test_second_member_joining_mid_fill_on_a_real_group(artifact_dir: Path) -> N
             writer = _Writer(s.topics.bootstrap, s.topics.input, 1200, 40, 8.0)
             writer.start()
             time.sleep(2.0)
-            with running_service(s.settings()) as b:
+            with running_service(s.settings(kafka_client=kafka_client)) as b:
                 deadline = time.monotonic() + 30
                 while not (b._assigned and a._assigned) and time.monotonic() < deadline:
                     time.sleep(0.05)

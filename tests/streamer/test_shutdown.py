@@ -45,7 +45,7 @@ def _records(n: int) -> list[tuple[bytes | None, bytes | None]]:
 
 
 def test_sigterm_with_brokers_down_exits_nonzero_within_drain_timeout(
-    artifact_dir: Path,
+    artifact_dir: Path, kafka_client: str,
 ) -> None:
     with EmbeddedBroker(num_brokers=3) as broker:
         name = f"s-{uuid.uuid4().hex[:8]}"
@@ -65,6 +65,7 @@ def test_sigterm_with_brokers_down_exits_nonzero_within_drain_timeout(
             "--device", "cpu", "--metrics-address", "127.0.0.1:0",
             "--drain-timeout-s", str(DRAIN_S), "--session-timeout-ms", "3000",
             "--heartbeat-interval-ms", "500", "--request-timeout-ms", "6000",
+            "--kafka-client", kafka_client,
         )
         try:
             produce(broker.bootstrap_servers, name, _records(10))
