@@ -39,7 +39,8 @@ def test_members_join_and_leave_mid_stream_one_prediction_per_offset(
     topics: Topics, artifact_dir: Path
 ) -> None:
     settings = settings_for(topics, artifact_dir, kafka_client="confluent",
-                            group_id=f"coop-{topics.input}", max_batch_events=64)
+                            group_id=f"coop-{topics.input}", max_batch_events=64,
+                            session_timeout_ms=3000, heartbeat_interval_ms=500)
     n, coords = 3000, []
     producer = Producer({"bootstrap.servers": topics.bootstrap, "linger.ms": 2})
 

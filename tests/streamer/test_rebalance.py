@@ -186,6 +186,10 @@ class _RebalancingConsumer:
     def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: len(self.logs[tp.partition]) for tp in tps}
 
+    def highwater(self, tp: TopicPartition) -> int:
+        """The log end, as the last fetch response reports it."""
+        return len(self.logs[tp.partition])
+
     def assignment(self) -> set[TopicPartition]:
         return set(self._tps(self.assigned))
 
