@@ -64,6 +64,7 @@ class ModelWatcher:
         self._seen = serving  # last version handed over or refused (incomplete ones are retried)
         self.start_refusals: list[str] = []  # why CURRENT was not served at start, if it was not
         self._lock = threading.Lock()
+        self._pointer_error = ""  # the last pointer problem logged
         self._ready: Artifact | None = None
         self._refusals: list[str] = []
         self._retries = 0  # retries of incomplete versions not yet taken by take_retries()
@@ -106,8 +107,11 @@ class ModelWatcher:
         try:
             version = self.registry.current()
         except RegistryError as exc:
-            log.warning("cannot read the registry pointer: %s", exc)
+            if str(exc) != self._pointer_error:  # once per distinct problem, not every poll
+                log.warning("cannot read the registry pointer, still serving: %s", exc)
+            self._pointer_error = str(exc)
             return
+        self._pointer_error = ""
         if version is None:
             return
         retrying = version == self._retry_version

@@ -99,7 +99,7 @@ class Registry:
             text = (self.dir / CURRENT).read_text(encoding="utf-8").strip()
         except FileNotFoundError:
             return None
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:  # a torn or garbled pointer file
             raise RegistryError(f"{self.dir / CURRENT}: unreadable: {exc}") from exc
         if not text:
             raise RegistryError(f"{self.dir / CURRENT} is empty")

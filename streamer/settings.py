@@ -453,8 +453,9 @@ def _describe(cls: type[BaseSettings], error: Any) -> tuple[str, str]:
         return field, f"unknown setting{_suggest(cls, field)}"
     message = error["msg"].removeprefix("Value error, ")
     info = cls.model_fields.get(field)
-    if info is not None and not _is_secret(info.annotation):
-        message += f", got {error['input']!r}"
+    got = f"got {error['input']!r}"
+    if info is not None and not _is_secret(info.annotation) and got not in message:
+        message += f", {got}"
     return field, f"{message} {_how_to_set(cls, field)}".rstrip()
 
 

@@ -48,7 +48,10 @@ def _lstsq(design: np.ndarray, target: np.ndarray) -> np.ndarray:
     # A whisper of ridge keeps a near-constant series (a flat sensor) solvable.
     gram = design.T @ design
     gram += 1e-9 * np.trace(gram) / len(gram) * np.eye(len(gram))
-    return np.linalg.solve(gram, design.T @ target)
+    try:
+        return np.linalg.solve(gram, design.T @ target)
+    except np.linalg.LinAlgError:  # too few or all-zero rows (a very short history): no fit,
+        return np.zeros(design.shape[-1])  # so the AR forecast is "no change" (persistence)
 
 
 def _differences(values: np.ndarray) -> np.ndarray:

@@ -227,7 +227,7 @@ def cmd_list(settings: TrainerSettings, args: argparse.Namespace, console: Conso
     table = Table(title=f"{registry}")
     table.add_column("")
     table.add_column("version", no_wrap=True)
-    for col in ("task", "shape", "target", "val MAE", "persistence MAE"):
+    for col in ("task", "shape", "target", "test MAE", "persistence MAE"):
         table.add_column(col)
     for version in registry.versions():
         try:

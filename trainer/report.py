@@ -342,7 +342,7 @@ def _page(inp: ReportInput, sections: list[str], max_rows: int = 200) -> str:
     facts = [("model version", inp.model_version), ("target", inp.target),
              ("command", inp.command)]
     facts += [(f"data {k}", json.dumps(v) if isinstance(v, dict | list) else str(v))
-              for k, v in inp.data_range.items()]
+              for k, v in inp.data_range.items() if v is not None]
     keys = sorted(inp.per_key)
     per_key = [((k, name), m) for k in keys[:max_rows] for name, m in inp.per_key[k].items()]
     parts = [

@@ -60,7 +60,8 @@ class TrainerMetrics:
             buckets=DURATION_BUCKETS, registry=reg,
         )
         self.val_mae = Gauge(
-            "trainer_validation_mae", "Validation MAE of the last run's candidate.", registry=reg
+            "trainer_validation_mae", "MAE of the last run's candidate on the test window.",
+            registry=reg,
         )
         self.published = Gauge(
             "trainer_published_version_info", "1 for the last version this trainer published.",

@@ -38,6 +38,7 @@ def read_topic(
     timeout_s: float = 120.0,
 ) -> TopicSlice:
     """Read a bounded slice of ``topic``: from a time or offset up to the end offsets seen now.
+    Fails after ``timeout_s`` without a record (a slow read that keeps moving goes on).
 
     ``since``/``until`` select by record timestamp (epoch seconds): the consumer seeks with
     offsets_for_times and also filters, so a broker that cannot look up times still gives
@@ -119,11 +120,15 @@ def _read_to_stop(
     lo = -math.inf if since is None else since * 1000
     hi = math.inf if until is None else until * 1000
     records: list[Message] = []
+    # An idle bound, not a total one: a long history read slowly is fine while it moves.
     deadline = time.monotonic() + timeout_s
     while pending:
         if time.monotonic() > deadline:
-            raise KafkaEdgeError(f"timed out reading to the end offsets ({len(records)} read)")
+            raise KafkaEdgeError(f"no progress reading to the end offsets for {timeout_s:.0f} s "
+                                 f"({len(records)} read)")
         for tp, batch in consumer.poll(timeout_ms=200, max_records=10_000).items():
+            if batch:
+                deadline = time.monotonic() + timeout_s
             for msg in batch:
                 if msg.offset < stop[tp] and lo <= msg.timestamp < hi:
                     records.append(Message(msg.key, msg.value, msg.partition, msg.offset))

@@ -159,6 +159,10 @@ def test_unreadable_current_pointer_falls_back_too(tmp_path: Path) -> None:
     (registry.dir / CURRENT).write_text("../../etc/passwd\n")
     artifact, refused, reasons = registry.load_serving()
     assert artifact.metadata.version == good and refused == CURRENT and reasons
+    (registry.dir / CURRENT).write_bytes(b"\x00\xffgarbage../../etc\n")  # not even UTF-8
+    artifact, refused, reasons = registry.load_serving()
+    assert artifact.metadata.version == good and refused == CURRENT
+    assert "unreadable" in reasons[0]
 
 
 def test_incomplete_version_is_retried_until_its_weights_arrive(

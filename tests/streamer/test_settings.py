@@ -201,6 +201,7 @@ def test_metrics_address(address: str, host: str, port: int) -> None:
 def test_bad_metrics_address(address: str) -> None:
     error = refused({"metrics_address": address})
     assert error.field == "metrics_address"
+    assert str(error).count(repr(address)) == 1, "the bad value is named once"
 
 
 def test_secret_not_leaked_and_security_kwargs(monkeypatch: pytest.MonkeyPatch) -> None:

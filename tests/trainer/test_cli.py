@@ -17,6 +17,8 @@ from trainer.cli import main
 FAST = ["--hidden", "16", "--layers", "1", "--epochs", "3", "--seq-len", "32",
         "--device", "cpu", "--no-progress"]
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _registry(tmp_path: Path) -> Registry:
     return Registry(tmp_path / "models", "default")
@@ -231,3 +233,21 @@ def test_evaluate_scores_exactly_the_range_with_earlier_events_as_warm_up(
                  "--registry", str(tmp_path / "models"), "--from", "2000-01-01",
                  "--until", "2000-01-02"]) == 2
     assert "no event to score" in capsys.readouterr().err
+
+
+def test_a_very_short_history_is_scored_not_crashed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ten hourly temperatures a key (vega_datasets) leave the AR baseline nothing to fit: it
+    falls back to "no change" instead of a singular-matrix traceback, in train and evaluate."""
+    temps = tmp_path / "temps.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "vega_temps.py"), str(temps),
+                    "--start", "2010-03-01", "--days", "1"], check=True, capture_output=True)
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text("\n".join(temps.read_text().splitlines()[:20]) + "\n")
+    root = str(tmp_path / "models")
+    assert main(["train", "--input", str(tiny), "--registry", root, "--hidden", "8",
+                 "--layers", "1", "--epochs", "1", "--device", "cpu", "--no-progress",
+                 "--force"]) == 0
+    assert main(["evaluate", "--input", str(tiny), "--registry", root]) == 0
+    assert "AR(5)" in capsys.readouterr().out
