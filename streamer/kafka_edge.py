@@ -109,8 +109,23 @@ class KafkaEdge:
         self._unacked = False  # a flush gave up with records still unacknowledged
         self._coordinator_missing_since: float | None = None
         self.on_refused = on_refused
+        try:
+            self.consumer, self.producer = self._clients(settings, consumer, producer)
+        except KafkaError as exc:  # e.g. NoBrokersAvailable: the service retries the start
+            raise wrap(f"cannot connect to {settings.bootstrap_servers}", exc) from exc
+        self._futures: list[FutureRecordMetadata] = []
+        self._sent: list[tuple[Record, object]] = []  # what each future sent, and its origin
+        self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
+        self._next_offset: dict[int, int] = {}  # partition -> next offset we expect to see
+        self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
+        self.consumer.subscribe([self.topic], listener=RebalanceListener(self))
+
+    @staticmethod
+    def _clients(
+        settings: StreamerSettings, consumer: KafkaConsumer | None, producer: KafkaProducer | None
+    ) -> tuple[KafkaConsumer, KafkaProducer]:
         security = settings.kafka_security_kwargs()
-        self.consumer = consumer or KafkaConsumer(
+        consumer = consumer or KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers.split(","),
             group_id=settings.group_id,
             group_instance_id=settings.group_instance_id,
@@ -130,28 +145,27 @@ class KafkaEdge:
             client_id=f"streamer-{settings.group_id}",
             **security,
         )
-        self.producer = producer or KafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers.split(","),
-            acks="all",
-            linger_ms=1,
-            batch_size=256 * 1024,
-            # One request in flight keeps a key's predictions in order across retries.
-            max_in_flight_requests_per_connection=1,
-            request_timeout_ms=settings.request_timeout_ms,
-            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
-            max_request_size=settings.max_request_size,
-            compression_type=(None if settings.output_compression == "none"
-                              else settings.output_compression),
-            metrics_enabled=False,
-            client_id=f"streamer-{settings.group_id}-out",
-            **security,
-        )
-        self._futures: list[FutureRecordMetadata] = []
-        self._sent: list[tuple[Record, object]] = []  # what each future sent, and its origin
-        self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
-        self._next_offset: dict[int, int] = {}  # partition -> next offset we expect to see
-        self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
-        self.consumer.subscribe([self.topic], listener=RebalanceListener(self))
+        try:
+            producer = producer or KafkaProducer(
+                bootstrap_servers=settings.bootstrap_servers.split(","),
+                acks="all",
+                linger_ms=1,
+                batch_size=256 * 1024,
+                # One request in flight keeps a key's predictions in order across retries.
+                max_in_flight_requests_per_connection=1,
+                request_timeout_ms=settings.request_timeout_ms,
+                reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+                max_request_size=settings.max_request_size,
+                compression_type=(None if settings.output_compression == "none"
+                                  else settings.output_compression),
+                metrics_enabled=False,
+                client_id=f"streamer-{settings.group_id}-out",
+                **security,
+            )
+        except BaseException:
+            consumer.close(autocommit=False)
+            raise
+        return consumer, producer
 
     # --- consuming -------------------------------------------------------------------------
 
@@ -519,8 +533,14 @@ class KafkaEdge:
             except KafkaEdgeError as exc:
                 clean = False
                 log.error("drain: %s", exc)
-            if self._uncommitted and not self.commit_pending():
-                clean = False
+            # A commit that times out (coordinator away) is tried again until the drain
+            # deadline, so a broker back within drain_timeout_s still gets our offsets.
+            committed = not self._uncommitted
+            while not committed and self._uncommitted and time.monotonic() < deadline:
+                committed = self.commit_pending()
+                if not committed and self._uncommitted:
+                    time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+            clean = clean and committed
         finally:
             try:
                 self._close_producer(max(deadline - time.monotonic(), 0.1))

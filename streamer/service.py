@@ -144,13 +144,16 @@ class Service:
         the drain did not finish within ``drain_timeout_s`` (those offsets are re-delivered).
         """
         self.http.start()
-        self.edge = edge or make_edge(
-            self.settings, self._on_assign, self._on_revoke, self._on_gap,
-            on_dropped=self._on_dropped, on_commit_failed=self._on_commit_failed,
-            stop=stop, beat=self.health.beat,
-            on_stall=lambda reason: self._set_fault(f"Kafka unavailable: {reason}"),
-            on_refused=self._on_refused,
-        )
+        try:
+            connected = edge or self._connect(stop)
+        except BaseException:
+            self.http.stop()
+            raise
+        if connected is None:  # stopped before Kafka could be reached: nothing to drain
+            self.http.stop()
+            log.info("stopped before Kafka was reachable")
+            return
+        self.edge = connected
         if self.watcher is not None:
             self.watcher.start()
         failure: BaseException | None = None
@@ -166,6 +169,29 @@ class Service:
                 f"drain did not finish within drain_timeout_s={self.settings.drain_timeout_s}: "
                 "some outputs or offsets were not acknowledged; they will be re-delivered"
             )
+
+    def _connect(self, stop: threading.Event) -> Edge | None:
+        """The edge, once Kafka answers: a service started before its brokers (compose,
+        Kubernetes) waits for them with backoff, not ready and saying why, instead of exiting.
+        None when ``stop`` is set first."""
+        backoff = 0.0
+        while True:
+            try:
+                return make_edge(
+                    self.settings, self._on_assign, self._on_revoke, self._on_gap,
+                    on_dropped=self._on_dropped, on_commit_failed=self._on_commit_failed,
+                    stop=stop, beat=self.health.beat,
+                    on_stall=lambda reason: self._set_fault(f"Kafka unavailable: {reason}"),
+                    on_refused=self._on_refused,
+                )
+            except KafkaUnavailable as exc:
+                backoff = min(max(2 * backoff, 0.1), self.settings.retry_backoff_max_s)
+                self.metrics.kafka_retry()
+                self._set_fault(f"Kafka unavailable: {exc}")
+                log.warning("cannot reach Kafka yet, retrying in %.1f s: %s", backoff, exc)
+                self.health.beat()
+                if stop.wait(backoff):
+                    return None
 
     def _loop(self, stop: threading.Event) -> None:
         assert self.edge is not None

@@ -180,3 +180,39 @@ def test_misconfiguration_ends_the_loop_without_stopped_cleanly(
     messages = [r.getMessage() for r in caplog.records]
     assert any("stopped after an error" in m for m in messages), messages
     assert not any("stopped cleanly" in m for m in messages), messages
+
+
+def test_a_service_started_before_its_brokers_waits_for_them(
+    artifact_dir: Path, kafka_client: str,
+) -> None:
+    """Compose and Kubernetes start the streamer and Kafka together: a streamer that finds no
+    broker at start retries with backoff (not ready, saying why) and serves once they answer."""
+    with EmbeddedBroker(num_brokers=1) as broker:
+        name = f"s-{uuid.uuid4().hex[:8]}"
+        for topic in (name, f"{name}.out", f"{name}.dlq"):
+            broker.create_topic(topic, partitions=1)
+        broker.set_broker_down(1)
+        proc = _streamer(
+            "run", "--bootstrap-servers", broker.bootstrap_servers, "--input-topic", name,
+            "--output-topic", f"{name}.out", "--group-id", f"g-{name}", "--model",
+            str(artifact_dir), "--device", "cpu", "--metrics-address", "127.0.0.1:0",
+            "--retry-backoff-max-s", "0.5", "--kafka-client", kafka_client,
+        )
+        try:
+            time.sleep(4.0)
+            assert proc.poll() is None, "the streamer gave up before Kafka came up"
+            broker.set_broker_up(1)
+            produce(broker.bootstrap_servers, name, _records(5))
+            out_records = read_topic(broker.bootstrap_servers, f"{name}.out", expect=5,
+                                     timeout_s=60, settle_s=0)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert len(out_records) == 5
+    assert proc.returncode == 0, out
+    if kafka_client == "kafka-python":  # librdkafka waits for brokers inside its own client
+        assert "cannot reach Kafka yet" in out, out
+    assert "stopped cleanly" in out, out
