@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -92,6 +92,8 @@ class KafkaEdge:
         beat: Callable[[], None] | None = None,
         on_stall: Callable[[str], None] | None = None,
         on_refused: RefusedCallback | None = None,
+        on_revoking: PartitionCallback | None = None,
+        changelog_topic: str | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.input_topic
@@ -109,6 +111,10 @@ class KafkaEdge:
         self._unacked = False  # a flush gave up with records still unacknowledged
         self._coordinator_missing_since: float | None = None
         self.on_refused = on_refused
+        self.on_revoking = on_revoking or (lambda partitions: None)
+        self.changelog_topic = changelog_topic
+        self._restore_consumer: KafkaConsumer | None = None
+        self._sought: dict[int, int] = {}  # partition -> offset sought by an assignment
         security = settings.kafka_security_kwargs()
         self.consumer = consumer or KafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers.split(","),
@@ -172,6 +178,7 @@ class KafkaEdge:
         limit, wait_s = self.settings.max_batch_events, self.settings.max_batch_wait_ms / 1e3
         batch: list[Message] = []
         generation = self.generation
+        self._sought = {}
         deadline = time.monotonic() + wait_s
         while len(batch) < limit:
             remaining_ms = max(int((deadline - time.monotonic()) * 1e3), 0)
@@ -201,7 +208,7 @@ class KafkaEdge:
         return batch
 
     def _after_rebalance(self, before: list[Message], after: dict[Any, list[Any]]) -> list[Message]:
-        owned = set() if self.rebalancing else self.assigned_partitions()
+        owned = set() if self.rebalancing else self.assigned_partitions() - set(self._sought)
         kept = [m for m in before if m.partition in owned]
         dropped = len(before) - len(kept)
         if dropped:
@@ -215,6 +222,7 @@ class KafkaEdge:
                 resume[tp.partition] = msgs[0].offset
         for m in kept:
             resume[m.partition] = m.offset + 1
+        resume.update(self._sought)  # restored state starts there: re-read from it
         for partition, offset in resume.items():
             self.consumer.seek(TopicPartition(self.topic, partition), offset)
             self._next_offset[partition] = offset
@@ -236,6 +244,80 @@ class KafkaEdge:
             if partition in owned:
                 self.consumer.seek(TopicPartition(self.topic, partition), offset)
                 self._next_offset[partition] = offset
+
+    # --- changelog (see streamer.recovery.StateEdge) -----------------------------------------
+
+    def send_changelog(self, partition: int, key: bytes, value: bytes | None,
+                       headers: list[tuple[str, bytes]] | None = None) -> None:
+        """Buffer one record for changelog ``partition`` (co-partitioned with the input)."""
+        assert self.changelog_topic is not None
+        try:
+            self._futures.append(self.producer.send(
+                self.changelog_topic, key=key, value=value, headers=headers,
+                partition=partition))
+            self._sent.append(((self.changelog_topic, key, value, headers), None))
+        except KafkaError as exc:
+            raise wrap(f"produce to {self.changelog_topic} failed", exc) from exc
+
+    def commit_offsets(self, offsets: dict[int, int]) -> bool:
+        """Commit these next-to-process offsets (a checkpoint's markers), within
+        ``commit_timeout_s``; whether the commit went through."""
+        self._uncommitted.update(offsets)
+        return self.commit_pending()
+
+    def seek(self, partition: int, offset: int) -> None:
+        """Read input ``partition`` from ``offset`` next; records of it already fetched into
+        the batch being filled are dropped (they are read again from there)."""
+        self.consumer.seek(TopicPartition(self.topic, partition), offset)
+        self._next_offset[partition] = offset
+        self._sought[partition] = offset
+
+    def read_changelog(
+        self, partitions: set[int]
+    ) -> Iterator[tuple[int, bytes | None, bytes | None, list[tuple[str, bytes]] | None]]:
+        """Every record of these changelog partitions from the log start to the high
+        watermark read now, through a group-less consumer (assign, seek_to_beginning, poll
+        until each position reaches its end offset). Beats liveness while reading; raises
+        KafkaUnavailable when the changelog cannot be read within ``request_timeout_ms``."""
+        assert self.changelog_topic is not None
+        if not partitions:
+            return
+        if self._restore_consumer is None:
+            self._restore_consumer = KafkaConsumer(
+                bootstrap_servers=self.settings.bootstrap_servers.split(","),
+                enable_auto_commit=False, group_id=None,
+                isolation_level=self.settings.isolation_level,
+                check_crcs=self.settings.check_crcs, fetch_max_wait_ms=10,
+                max_poll_records=10_000, max_partition_fetch_bytes=8 * 1024 * 1024,
+                request_timeout_ms=self.settings.request_timeout_ms,
+                reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+                client_id=f"streamer-{self.settings.group_id}-restore",
+                **self.settings.kafka_security_kwargs(),
+            )
+        consumer = self._restore_consumer
+        tps = [TopicPartition(self.changelog_topic, p) for p in sorted(partitions)]
+        try:
+            consumer.assign(tps)
+            ends = consumer.end_offsets(tps)
+            consumer.seek_to_beginning(*tps)
+            left = {tp for tp in tps if consumer.position(tp) < ends[tp]}
+            deadline = time.monotonic() + self.settings.request_timeout_ms / 1e3
+            while left:
+                self.beat()
+                got = consumer.poll(timeout_ms=200)
+                for tp, msgs in got.items():
+                    for m in msgs:
+                        if m.offset < ends[tp]:
+                            yield tp.partition, m.key, m.value, list(m.headers or [])
+                    deadline = time.monotonic() + self.settings.request_timeout_ms / 1e3
+                left = {tp for tp in left if consumer.position(tp) < ends[tp]}
+                if left and time.monotonic() > deadline:
+                    raise KafkaUnavailable(f"changelog {self.changelog_topic} not readable "
+                                           f"to its end within request_timeout_ms")
+        except KafkaError as exc:
+            raise wrap(f"reading changelog {self.changelog_topic}", exc) from exc
+        finally:
+            consumer.assign([])
 
     def forget(self, partitions: set[int]) -> None:
         """Drop positions of partitions that moved to another member: when one comes back,
@@ -518,6 +600,8 @@ class KafkaEdge:
             try:
                 self._close_producer(max(deadline - time.monotonic(), 0.1))
             finally:
+                if self._restore_consumer is not None:
+                    self._restore_consumer.close(autocommit=False)
                 self.consumer.close(autocommit=False,
                                     timeout_ms=int(max(deadline - time.monotonic(), 0.1) * 1e3))
         return clean

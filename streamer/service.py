@@ -31,6 +31,7 @@ from streamer.hotswap import ModelWatcher, open_model_source
 from streamer.kafka_edge import KafkaEdge, Record
 from streamer.metrics import HealthState, Metrics, MetricsServer
 from streamer.model import resolve_device
+from streamer.recovery import StateRecovery
 from streamer.settings import StreamerSettings
 from streamer.state import StateStore
 
@@ -75,6 +76,13 @@ class Service:
         self._commit_problem = ""  # why the last offset commit failed; "" after a success
         self._next_housekeeping = 0.0
         self._next_lag = 0.0
+        self.recovery: StateRecovery | None = None
+        if settings.changelog:
+            self.recovery = StateRecovery(
+                self.engine, settings.state_topic, settings.checkpoint_interval_s,
+                settings.checkpoint_interval_events, settings.swap_policy)
+        self._restoring = ""  # why state is not restored yet; "" when it is
+        self._restore_needed: set[int] = set()  # partitions whose resident state is unusable
 
     @classmethod
     def from_settings(
@@ -91,21 +99,74 @@ class Service:
     # --- partition ownership (called from inside poll, between batches) -------------------
 
     def _on_assign(self, partitions: set[int]) -> None:
-        self._assigned = partitions
+        previous, self._assigned = self._assigned, partitions
+        if self.recovery is not None:
+            self._restore_assigned(partitions, previous)
         self.metrics.set_assigned_partitions(len(partitions))
         self._update_ready()
         log.info("assigned partitions %s", sorted(partitions))
 
     def _on_revoke(self, partitions: set[int]) -> None:
         released = self.store.release_partitions(partitions)
+        if self.recovery is not None:
+            self.recovery.forget(partitions)
         self.metrics.set_keys_resident(len(self.store))
         log.info("revoked partitions %s: released %d keys", sorted(partitions), released)
+
+    def _restore_assigned(self, partitions: set[int], previous: set[int]) -> None:
+        """Inside the assignment: keep a retained partition whose state is exactly its last
+        checkpoint (and read it from the marker on), restore every other one."""
+        assert self.recovery is not None and self.edge is not None
+        keep = {p for p in partitions & previous if self.recovery.clean(p)}
+        for p in keep:
+            self.edge.seek(p, self.recovery.position[p])
+        self._restore(partitions - keep)
+
+    def _restore(self, partitions: set[int]) -> None:
+        assert self.recovery is not None and self.edge is not None
+        self._restore_needed |= partitions
+        if not self._restore_needed:
+            return
+        self._restoring = "restoring state from the changelog"
+        self._update_ready()
+        try:
+            stats = self.recovery.restore(self.edge, self._restore_needed & self._assigned,
+                                          self.version)
+        except KafkaUnavailable as exc:
+            self._restoring = f"state restore failed, retrying: {exc}"
+            self._update_ready()
+            log.warning("state restore failed, retried between batches: %s", exc)
+            return
+        self._restore_needed.clear()
+        self._restoring = ""
+        self.metrics.restored(stats.seconds, stats.records_per_s, stats.keys, stats.skipped)
+        self.metrics.set_keys_resident(len(self.store))
+        self._update_ready()
+
+    def _on_revoking(self, partitions: set[int]) -> None:
+        """Before partitions go (rebalance or shutdown): checkpoint them; the caller commits
+        and the release follows, whatever happened here."""
+        if self.recovery is None or self.edge is None or self._restore_needed:
+            return
+        try:
+            self._checkpoint(partitions)
+        except (KafkaEdgeError, KafkaUnavailable) as exc:
+            log.error("checkpoint of revoked partitions %s failed: %s; their next owner "
+                      "replays from the previous checkpoint", sorted(partitions), exc)
+
+    def _checkpoint(self, partitions: set[int]) -> None:
+        assert self.recovery is not None and self.edge is not None
+        stats = self.recovery.checkpoint(self.edge, partitions, self.version)
+        if stats.partitions:
+            self.metrics.checkpointed(stats.seconds, stats.bytes)
+            if stats.committed:
+                self._committed()
 
     def _on_gap(self, partition: int, skipped: int) -> None:
         self.metrics.offsets_skipped(self.settings.input_topic, partition, skipped)
 
     def _update_ready(self) -> None:
-        reason = (self._fault or self._commit_problem
+        reason = (self._fault or self._commit_problem or self._restoring
                   or ("" if self._assigned else "no partitions assigned"))
         self.health.set_ready(not reason, reason)
         self.metrics.set_ready(not reason)
@@ -146,7 +207,8 @@ class Service:
             on_dropped=self._on_dropped, on_commit_failed=self._on_commit_failed,
             stop=stop, beat=self.health.beat,
             on_stall=lambda reason: self._set_fault(f"Kafka unavailable: {reason}"),
-            on_refused=self._on_refused,
+            on_refused=self._on_refused, on_revoking=self._on_revoking,
+            changelog_topic=self.settings.state_topic if self.recovery else None,
         )
         if self.watcher is not None:
             self.watcher.start()
@@ -195,6 +257,8 @@ class Service:
         try:
             if self.watcher is not None:
                 self.watcher.stop()
+            if failure is None:
+                self._on_revoking(self._assigned)  # SIGTERM: the state survives a restart
             clean = self.edge.close()
         finally:
             self.http.stop()
@@ -228,12 +292,30 @@ class Service:
             if evicted:
                 self.metrics.evicted("capacity", evicted)
             emitted = self._emit(batch, decoded, preds)
-        if self.edge.flush_and_commit(batch):
+        if self.recovery is not None:
+            self._flush_and_checkpoint(batch)
+        elif self.edge.flush_and_commit(batch):
             self._committed()
         acked = time.time()
         self.metrics.observe_batch(len(batch), step_s)
         self.metrics.set_keys_resident(len(self.store))
         self.metrics.observe_latencies(acked - decoded.ts, acked - polled, emitted)
+
+    def _flush_and_checkpoint(self, batch: Sequence[Message]) -> None:
+        """With a changelog, offsets are committed only with a checkpoint's markers. A batch
+        whose outputs were not acknowledged has already advanced its keys' state: those
+        partitions are restored from the changelog (and replayed) before going on."""
+        assert self.recovery is not None and self.edge is not None
+        try:
+            self.edge.flush()
+        except (KafkaUnavailable, KafkaEdgeError):
+            self._restore_needed |= {m.partition for m in batch}
+            self._restoring = "state of an unacknowledged batch must be restored"
+            self._update_ready()
+            raise
+        self.recovery.processed(batch)
+        if self.recovery.due():
+            self._checkpoint(self._assigned)
 
     def _emit(self, batch: Sequence[Message], decoded: DecodedBatch, preds: np.ndarray) -> int:
         """Produce one prediction per good event (RFC 8259 JSON: no NaN/Infinity tokens); an
@@ -343,6 +425,8 @@ class Service:
 
     def _between_batches(self) -> None:
         now = time.time()
+        if self._restore_needed and self.edge is not None:
+            self._restore(set())
         if self.watcher is not None:
             self._maybe_swap()
         if now >= self._next_housekeeping:
@@ -392,4 +476,6 @@ class Service:
         rewarm_s = time.perf_counter() - t0
         self.version = candidate.metadata.version
         self.metrics.set_model_version(self.version)
+        if self.recovery is not None:  # every key's h and c changed
+            self.recovery.mark_all_dirty()
         return rewarm_s

@@ -320,6 +320,21 @@ class StreamerSettings(KafkaClientSettings):
     retry_backoff_max_s: float = Field(
         5.0, gt=0, description="longest pause between retries while Kafka is unavailable"
     )
+    # Durable per-key state (see README "Guarantees").
+    changelog: bool = Field(
+        False, description="checkpoint per-key state to a changelog topic and restore it on "
+        "start and on every assignment"
+    )
+    changelog_topic: str | None = Field(
+        None, min_length=1, description="changelog topic, co-partitioned with the input; "
+        "unset means <group_id>-state"
+    )
+    checkpoint_interval_s: float | None = Field(
+        5.0, gt=0, description="seconds between checkpoints (and offset commits) with changelog"
+    )
+    checkpoint_interval_events: int | None = Field(
+        None, gt=0, description="events between checkpoints with changelog; unset: by time only"
+    )
 
     @field_validator("metrics_address")
     @classmethod
@@ -352,6 +367,10 @@ class StreamerSettings(KafkaClientSettings):
                 f"({self.session_timeout_ms} ms): a JoinGroup may wait that long",
             )
         return self
+
+    @property
+    def state_topic(self) -> str:
+        return self.changelog_topic or f"{self.group_id}-state"
 
     @property
     def dead_letter_topic(self) -> str:
