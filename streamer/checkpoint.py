@@ -162,8 +162,8 @@ def split_payloads(keys: list[str], versions: list[str], last_seen: list[float],
     at = 0
     for name, dt, shape in dims.fields():
         width = dt.itemsize * int(np.prod(shape))
-        tensors[name] = np.ascontiguousarray(raw[:, at:at + width]).view(dt).reshape(
-            len(payloads), *shape)
+        column = np.frombuffer(raw[:, at:at + width].tobytes(), dtype=dt)
+        tensors[name] = column.reshape(len(payloads), *shape).copy()
         at += width
     return DecodedStates(keys, versions, np.asarray(last_seen, dtype=np.float64), tensors)
 

@@ -234,7 +234,9 @@ class Service:
             self._between_batches()
             try:
                 batch = self.edge.poll()
-                if batch:
+                if batch and self._restore_needed:  # restore first, then read from there
+                    self.edge.rewind(batch)
+                elif batch:
                     self.process(batch)
             except KafkaUnavailable as exc:
                 backoff = min(max(2 * backoff, 0.1), self.settings.retry_backoff_max_s)
