@@ -22,6 +22,8 @@ Streams' changelog + checkpoint file and Flink's checkpoint barrier.
 
 from __future__ import annotations
 
+import functools
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -70,7 +72,12 @@ class Dims:
         ]
 
     def payload_bytes(self) -> int:
-        return sum(dt.itemsize * int(np.prod(shape)) for _, dt, shape in self.fields())
+        return _payload_bytes(self)
+
+
+@functools.lru_cache(maxsize=16)
+def _payload_bytes(dims: Dims) -> int:
+    return sum(dt.itemsize * math.prod(shape) for _, dt, shape in dims.fields())
 
 
 @dataclass
