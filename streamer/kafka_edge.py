@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -103,6 +104,7 @@ class KafkaEdge:
         self.on_dropped = on_dropped or (lambda n: None)
         self.on_commit_failed = on_commit_failed or (lambda reason: None)
         self.stop = stop or threading.Event()
+        self.transactional = settings.processing_guarantee == "exactly_once"
         self.beat = beat or (lambda: None)
         self.on_stall = on_stall or (lambda reason: None)
         self.generation = 0  # bumped by every rebalance callback
@@ -148,8 +150,12 @@ class KafkaEdge:
             compression_type=(None if settings.output_compression == "none"
                               else settings.output_compression),
             client_id=f"streamer-{settings.group_id}-out",
+            **self._transactional(settings),
             **security,
         )
+        self._in_txn = False
+        if self.transactional:
+            self.producer.init_transactions()
         self._futures: list[FutureRecordMetadata] = []
         self._sent: list[tuple[Record, object]] = []  # what each future sent, and its origin
         self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
@@ -247,11 +253,40 @@ class KafkaEdge:
 
     # --- changelog (see streamer.recovery.StateEdge) -----------------------------------------
 
+    @staticmethod
+    def _transactional(settings: StreamerSettings) -> dict[str, Any]:
+        """Producer settings of exactly-once. The transactional id should be stable per
+        replica: initialising it fences a predecessor with the same id and aborts its open
+        transaction. (kafka-python sends offsets by group id only: no KIP-447 fencing by
+        group generation.)"""
+        if settings.processing_guarantee != "exactly_once":
+            return {}
+        tid = (settings.transactional_id or settings.group_instance_id
+               or f"{settings.group_id}-{uuid.uuid4().hex}")
+        return {"transactional_id": tid, "enable_idempotence": True}
+
+    def _begin(self) -> None:
+        if self.transactional and not self._in_txn:
+            self.producer.begin_transaction()
+            self._in_txn = True
+
+    def abort(self) -> None:
+        """Abort the open transaction (exactly-once): none of its records become visible to
+        read_committed readers and its offsets are not committed. No-op otherwise."""
+        if self.transactional and self._in_txn:
+            self._in_txn = False
+            self._futures, self._sent = [], []
+            try:
+                self.producer.abort_transaction()
+            except KafkaError as exc:
+                log.error("aborting the transaction failed: %s: %s", type(exc).__name__, exc)
+
     def send_changelog(self, partition: int, key: bytes, value: bytes | None,
                        headers: list[tuple[str, bytes]] | None = None) -> None:
         """Buffer one record for changelog ``partition`` (co-partitioned with the input)."""
         assert self.changelog_topic is not None
         try:
+            self._begin()
             self._futures.append(self.producer.send(
                 self.changelog_topic, key=key, value=value, headers=headers,
                 partition=partition))
@@ -262,8 +297,21 @@ class KafkaEdge:
     def commit_offsets(self, offsets: dict[int, int]) -> bool:
         """Commit these next-to-process offsets (a checkpoint's markers), within
         ``commit_timeout_s``; whether the commit went through."""
-        self._uncommitted.update(offsets)
-        return self.commit_pending()
+        if not self.transactional:
+            self._uncommitted.update(offsets)
+            return self.commit_pending()
+        # Exactly-once: the offsets join the open transaction, which commits everything.
+        self._begin()
+        tps = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
+               for p, o in offsets.items()}
+        try:
+            self.producer.send_offsets_to_transaction(tps, self.settings.group_id)
+            self.producer.commit_transaction()
+        except KafkaError as exc:
+            self.abort()
+            raise wrap("transaction commit failed (aborted)", exc) from exc
+        self._in_txn = False
+        return True
 
     def seek(self, partition: int, offset: int) -> None:
         """Read input ``partition`` from ``offset`` next; records of it already fetched into
@@ -379,6 +427,7 @@ class KafkaEdge:
         """Buffer one record; ``origin`` (e.g. the input message) is handed to ``on_refused``
         if the producer or the broker refuses this record."""
         try:
+            self._begin()
             partition = self._partition(topic, key)
             self._futures.append(
                 self.producer.send(topic, key=key, value=value, headers=headers,
@@ -436,7 +485,14 @@ class KafkaEdge:
 
     def flush(self) -> None:
         """Wait for acks of everything sent, at most ``flush_timeout_s`` (less when draining),
-        beating the heartbeat meanwhile."""
+        beating the heartbeat meanwhile. Exactly-once: a failure aborts the transaction."""
+        try:
+            self._flush_acks()
+        except (KafkaEdgeError, KafkaError):
+            self.abort()
+            raise
+
+    def _flush_acks(self) -> None:
         futures, self._futures = self._futures, []  # on failure the batch is re-sent anyway
         sent, self._sent = self._sent, []
         if not futures:
@@ -584,6 +640,7 @@ class KafkaEdge:
         try:
             try:
                 self.flush()
+                self.abort()  # exactly-once: outputs not covered by a checkpoint are dropped
                 if self._unacked:  # records of an earlier, abandoned flush
                     self.producer.flush(timeout=max(deadline - time.monotonic(), 0.001))
                     self._unacked = False

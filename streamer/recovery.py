@@ -180,10 +180,12 @@ class StateRecovery:
             offsets[p] = pos
         if offsets:
             edge.flush()
+            # At-least-once: the acked marker makes the checkpoint; exactly-once: the commit
+            # of its transaction does (commit_offsets raises when it was aborted).
+            stats.committed = edge.commit_offsets(offsets)
             for key in written:
                 store.dirty[store.slot(key)] = False
             self.marker.update(offsets)
-            stats.committed = edge.commit_offsets(offsets)
             stats.partitions = len(offsets)
         store.evictions = [(k, p) for k, p in evictions if p not in wanted]
         self._events = 0

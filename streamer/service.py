@@ -317,7 +317,13 @@ class Service:
             raise
         self.recovery.processed(batch)
         if self.recovery.due():
-            self._checkpoint(self._assigned)
+            try:
+                self._checkpoint(self._assigned)
+            except (KafkaUnavailable, KafkaEdgeError):
+                self._restore_needed |= set(self._assigned)  # back to the last checkpoint
+                self._restoring = "a checkpoint failed: state must be restored"
+                self._update_ready()
+                raise
 
     def _emit(self, batch: Sequence[Message], decoded: DecodedBatch, preds: np.ndarray) -> int:
         """Produce one prediction per good event (RFC 8259 JSON: no NaN/Infinity tokens); an

@@ -332,6 +332,15 @@ class StreamerSettings(KafkaClientSettings):
     checkpoint_interval_s: float | None = Field(
         5.0, gt=0, description="seconds between checkpoints (and offset commits) with changelog"
     )
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once", description="exactly_once: predictions, dead letters, changelog and "
+        "input offsets commit in one Kafka transaction per checkpoint (needs changelog)"
+    )
+    transactional_id: str | None = Field(
+        None, min_length=1, description="exactly_once: producer transactional id, stable per "
+        "replica (e.g. the pod name) so a restart aborts its predecessor's open transaction; "
+        "unset: group_instance_id, else <group_id>-<random> (see README Guarantees)"
+    )
     checkpoint_interval_events: int | None = Field(
         None, gt=0, description="events between checkpoints with changelog; unset: by time only"
     )
@@ -366,6 +375,16 @@ class StreamerSettings(KafkaClientSettings):
                 f"{self.request_timeout_ms} ms must exceed session_timeout_ms "
                 f"({self.session_timeout_ms} ms): a JoinGroup may wait that long",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _exactly_once_needs_state(self) -> StreamerSettings:
+        if self.processing_guarantee == "exactly_once" and not self.changelog:
+            raise FieldProblem("processing_guarantee", "exactly_once needs changelog = true: "
+                               "the state must commit in the same transaction as the outputs")
+        if self.processing_guarantee == "exactly_once" and (
+                self.isolation_level != "read_committed"):
+            raise FieldProblem("isolation_level", "exactly_once reads read_committed only")
         return self
 
     @property

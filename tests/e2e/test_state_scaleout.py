@@ -8,7 +8,7 @@ from pathlib import Path
 
 from streamer.broker import EmbeddedBroker
 
-from .state_scenarios import scale_out_with_crashes
+from .state_scenarios import exactly_once_sigkill, scale_out_with_crashes
 
 
 def test_scale_out_sigkill_sigterm_keep_every_prediction_exact(
@@ -19,3 +19,10 @@ def test_scale_out_sigkill_sigterm_keep_every_prediction_exact(
     assert result["missing"] == 0
     assert result["differing"] == 0
     assert result["restores"] >= 3  # B on joining, C on joining, C again when B left
+
+
+def test_exactly_once_read_committed_sees_each_offset_once_across_sigkill(
+    broker: EmbeddedBroker, artifact_dir: Path
+) -> None:
+    result = exactly_once_sigkill(broker, artifact_dir, n=2000, n_keys=60)
+    assert result == {"events": 2000, "missing": 0, "duplicates": 0, "differing": 0}
