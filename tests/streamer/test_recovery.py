@@ -17,12 +17,17 @@ import torch
 from kafka import KafkaProducer
 
 from streamer.broker import EmbeddedBroker
-from streamer.checkpoint import MARKER_HEADER, MARKER_KEY, encode_marker
+from streamer.checkpoint import MARKER_HEADER, MARKER_KEY, encode_marker, encode_states
+from streamer.engine import Engine
+from streamer.events import Message
 from streamer.kafka_edge import KafkaEdge
+from streamer.recovery import StateRecovery
 from streamer.service import Service
+from streamer.state import StateStore
 
 from ..kafka_helpers import Topics, produce
 from ..state_reference import compare, make_events, uninterrupted
+from .conftest import make_model
 from .fault_scenarios import _read_outputs
 from .service_helpers import running_service, sample, scrape, settings_for
 
@@ -125,3 +130,84 @@ def test_corrupt_record_is_skipped_counted_and_logged_with_its_key(
     reference, _ = uninterrupted(artifact_dir, records, coords)
     assert compare(outputs, reference)["differing"] == 0
     assert np.isfinite([o["prediction"][0] for o in outputs]).all()
+
+
+class _ListChangelog:
+    """The changelog as a list (the StateEdge protocol): isolates the restore rules."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[int, bytes, bytes | None, list[tuple[str, bytes]] | None]] = []
+        self.sought: dict[int, int] = {}
+
+    def send_changelog(self, partition: int, key: bytes, value: bytes | None,
+                       headers: list[tuple[str, bytes]] | None = None) -> None:
+        self.log.append((partition, key, value, headers))
+
+    def flush(self) -> None:
+        pass
+
+    def commit_offsets(self, offsets: dict[int, int]) -> bool:
+        return True
+
+    def read_changelog(self, partitions: set[int]):  # type: ignore[no-untyped-def]
+        return iter([r for r in self.log if r[0] in partitions])
+
+    def seek(self, partition: int, offset: int) -> None:
+        self.sought[partition] = offset
+
+
+def _engine(seed: int = 0, capacity: int = 64) -> Engine:
+    model = make_model(seed=seed)
+    return Engine(model, StateStore.for_model(model, capacity=capacity, window=8))
+
+
+def _step(engine: Engine, keys: list[str], part: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    engine.process(keys, [part] * len(keys), rng.normal(size=(len(keys), 4)),
+                   1000.0 + seed + np.arange(len(keys), dtype=np.float64), 0.0)
+
+
+def test_restore_takes_the_last_complete_checkpoint_and_honours_tombstones() -> None:
+    source, edge = _engine(), _ListChangelog()
+    rec = StateRecovery(source, "cl", None, None)
+    _step(source, ["a", "b", "c"], 1, 0)
+    rec.processed([Message(b"a", b"", 1, 9)])
+    rec.checkpoint(edge, {1}, "v1")
+    at_marker = {k: source.store.h[:, source.store.slot(k)].clone() for k in "ab"}
+    source.store.release(["c"])
+    source.store.evictions = [("c", 1)]  # as if evicted for capacity
+    _step(source, ["a"], 1, 1)
+    rec.processed([Message(b"a", b"", 1, 19)])
+    rec.checkpoint(edge, {1}, "v1")  # complete: tombstone for c, a's newer state
+    newer_a = source.store.h[:, source.store.slot("a")].clone()
+    _step(source, ["a", "b"], 1, 2)
+    # A checkpoint cut short by a crash: records without their marker.
+    for key in ("a", "b"):
+        value = encode_states(source.store, [key], "v1", source.store.last_seen([key]))[0]
+        edge.send_changelog(1, key.encode(), value)
+    target = _engine()
+    stats = StateRecovery(target, "cl", None, None).restore(edge, {1}, "v1")
+    assert edge.sought == {1: 20} and stats.keys == 2
+    assert "c" not in target.store
+    assert torch.equal(target.store.h[:, target.store.slot("a")], newer_a)
+    assert torch.equal(target.store.h[:, target.store.slot("b")], at_marker["b"])
+
+
+def test_restore_of_another_model_version_rewarms_or_resets_per_policy() -> None:
+    source, edge = _engine(seed=1), _ListChangelog()
+    rec = StateRecovery(source, "cl", None, None)
+    _step(source, ["a", "b"] * 5, 0, 3)
+    rec.processed([Message(b"a", b"", 0, 0)])
+    rec.checkpoint(edge, {0}, "old")
+    serving = _engine(seed=2)  # another model: its h, c must not come from "old"
+    StateRecovery(serving, "cl", None, None, swap_policy="rewarm").restore(edge, {0}, "new")
+    store = serving.store
+    slots = torch.tensor([store.slot("a"), store.slot("b")])
+    x, lengths = store.window_sequences(slots)
+    h0, c0 = serving.model.zero_state(2)
+    _, h, _ = serving.model.forward_padded(x, lengths.cpu(), h0, c0)
+    torch.testing.assert_close(store.h[:, slots], h)
+    reset = _engine(seed=2)
+    StateRecovery(reset, "cl", None, None, swap_policy="reset").restore(edge, {0}, "new")
+    assert float(reset.store.h.abs().sum()) == 0.0
+    assert float(reset.store.win.abs().sum()) > 0  # features memory and window kept
