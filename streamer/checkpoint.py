@@ -26,6 +26,7 @@ import functools
 import math
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,8 +133,13 @@ def encode_states(
     return out
 
 
-def decode_state(value: bytes, dims: Dims) -> tuple[str, float, bytes]:
-    """(model version, last_seen, payload) of one record whose shape matches ``dims``.
+@functools.lru_cache(maxsize=16)
+def _shape(dims: Dims) -> tuple[int, ...]:
+    return (dims.layers, dims.hidden, dims.raw, dims.stat, dims.window, dims.features)
+
+
+def decode_state(value: bytes, dims: Dims) -> tuple[str, float, memoryview]:
+    """(model version, last_seen, payload view) of one record whose shape matches ``dims``.
 
     Raises CorruptStateRecord for a truncated record, a bad magic, format or CRC, or a shape
     other than ``dims`` (a state written for another state layout cannot be used)."""
@@ -148,21 +154,22 @@ def decode_state(value: bytes, dims: Dims) -> tuple[str, float, bytes]:
     if zlib.crc32(body) != crc:
         raise CorruptStateRecord("CRC mismatch")
     *shape, last_seen = _DIMS.unpack_from(body)
-    if Dims(*shape) != dims:
+    expected = _shape(dims)
+    if tuple(shape) != expected:
         raise CorruptStateRecord(f"state shape {tuple(shape)} differs from this store's "
-                                 f"{tuple(vars(dims).values())}")
+                                 f"{expected}")
     (vlen,) = struct.unpack_from("<H", body, _DIMS.size)
     start = _DIMS.size + 2
-    version = bytes(body[start:start + vlen]).decode("utf-8", "replace")
-    payload = bytes(body[start + vlen:])
-    if len(payload) != dims.payload_bytes():
+    version = str(body[start:start + vlen], "utf-8", "replace")
+    payload = body[start + vlen:]
+    if len(payload) != _payload_bytes(dims):
         raise CorruptStateRecord(f"payload of {len(payload)} bytes, expected "
                                  f"{dims.payload_bytes()}")
     return version, float(last_seen), payload
 
 
 def split_payloads(keys: list[str], versions: list[str], last_seen: list[float],
-                   payloads: list[bytes], dims: Dims) -> DecodedStates:
+                   payloads: Sequence[bytes | memoryview], dims: Dims) -> DecodedStates:
     """Stack decoded payloads into [K, ...] arrays (one frombuffer for all keys)."""
     raw = np.frombuffer(b"".join(payloads), dtype=np.uint8).reshape(len(payloads), -1)
     tensors: dict[str, np.ndarray] = {}

@@ -259,7 +259,7 @@ class StateRecovery:
         keys: list[str] = []
         versions: list[str] = []
         seen: list[float] = []
-        payloads: list[bytes] = []
+        payloads: list[memoryview] = []
         for raw_key, value in records.items():
             key = raw_key.decode("utf-8", "replace")
             try:
