@@ -42,6 +42,7 @@ from kafka.structs import OffsetAndMetadata
 
 from streamer.errors import KafkaEdgeError, KafkaUnavailable
 from streamer.events import Message
+from streamer.kafka_changelog import ChangelogMixin
 from streamer.kafka_group import (
     ASSIGNORS,
     MEMBERSHIP_ERRORS,
@@ -70,7 +71,7 @@ STALL_S = 2.0  # a flush waiting longer than this makes the service not ready un
 _WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
 
 
-class KafkaEdge:
+class KafkaEdge(ChangelogMixin):
     """One consumer-group member and one producer.
 
     ``stop`` (optional) is the service's stop event: once it is set, every wait is cut to what
@@ -92,6 +93,8 @@ class KafkaEdge:
         beat: Callable[[], None] | None = None,
         on_stall: Callable[[str], None] | None = None,
         on_refused: RefusedCallback | None = None,
+        on_revoking: PartitionCallback | None = None,
+        changelog_topic: str | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.input_topic
@@ -101,6 +104,7 @@ class KafkaEdge:
         self.on_dropped = on_dropped or (lambda n: None)
         self.on_commit_failed = on_commit_failed or (lambda reason: None)
         self.stop = stop or threading.Event()
+        self.transactional = settings.processing_guarantee == "exactly_once"
         self.beat = beat or (lambda: None)
         self.on_stall = on_stall or (lambda reason: None)
         self.generation = 0  # bumped by every rebalance callback
@@ -109,8 +113,16 @@ class KafkaEdge:
         self._unacked = False  # a flush gave up with records still unacknowledged
         self._coordinator_missing_since: float | None = None
         self.on_refused = on_refused
+        self.on_revoking = on_revoking or (lambda partitions: None)
+        self.changelog_topic = changelog_topic
+        self._restore_consumer: KafkaConsumer | None = None
+        self._sought: dict[int, int] = {}  # partition -> offset sought by an assignment
         try:
-            self.consumer, self.producer = self._clients(settings, consumer, producer)
+            self.consumer, self.producer = self._clients(
+                settings, consumer, producer, self._transactional(settings))
+            self._in_txn = False
+            if self.transactional:
+                self.producer.init_transactions()
         except KafkaError as exc:  # e.g. NoBrokersAvailable: the service retries the start
             raise wrap(f"cannot connect to {settings.bootstrap_servers}", exc) from exc
         self._futures: list[FutureRecordMetadata] = []
@@ -122,7 +134,8 @@ class KafkaEdge:
 
     @staticmethod
     def _clients(
-        settings: StreamerSettings, consumer: KafkaConsumer | None, producer: KafkaProducer | None
+        settings: StreamerSettings, consumer: KafkaConsumer | None,
+        producer: KafkaProducer | None, transactional: dict[str, Any],
     ) -> tuple[KafkaConsumer, KafkaProducer]:
         security = settings.kafka_security_kwargs()
         consumer = consumer or KafkaConsumer(
@@ -160,6 +173,7 @@ class KafkaEdge:
                                   else settings.output_compression),
                 metrics_enabled=False,
                 client_id=f"streamer-{settings.group_id}-out",
+                **transactional,
                 **security,
             )
         except BaseException:
@@ -190,6 +204,7 @@ class KafkaEdge:
         limit, wait_s = self.settings.max_batch_events, self.settings.max_batch_wait_ms / 1e3
         batch: list[Message] = []
         generation = self.generation
+        self._sought = {}
         deadline = time.monotonic() + wait_s
         while len(batch) < limit:
             remaining_ms = max(int((deadline - time.monotonic()) * 1e3), 0)
@@ -222,7 +237,7 @@ class KafkaEdge:
         return batch
 
     def _after_rebalance(self, before: list[Message], after: dict[Any, list[Any]]) -> list[Message]:
-        owned = set() if self.rebalancing else self.assigned_partitions()
+        owned = set() if self.rebalancing else self.assigned_partitions() - set(self._sought)
         kept = [m for m in before if m.partition in owned]
         dropped = len(before) - len(kept)
         if dropped:
@@ -236,6 +251,7 @@ class KafkaEdge:
                 resume[tp.partition] = msgs[0].offset
         for m in kept:
             resume[m.partition] = m.offset + 1
+        resume.update(self._sought)  # restored state starts there: re-read from it
         for partition, offset in resume.items():
             self.consumer.seek(TopicPartition(self.topic, partition), offset)
             self._next_offset[partition] = offset
@@ -318,6 +334,7 @@ class KafkaEdge:
         """Buffer one record; ``origin`` (e.g. the input message) is handed to ``on_refused``
         if the producer or the broker refuses this record."""
         try:
+            self._begin()
             partition = self._partition(topic, key)
             self._futures.append(
                 self.producer.send(topic, key=key, value=value, headers=headers,
@@ -375,7 +392,14 @@ class KafkaEdge:
 
     def flush(self) -> None:
         """Wait for acks of everything sent, at most ``flush_timeout_s`` (less when draining),
-        beating the heartbeat meanwhile."""
+        beating the heartbeat meanwhile. Exactly-once: a failure aborts the transaction."""
+        try:
+            self._flush_acks()
+        except (KafkaEdgeError, KafkaError):
+            self.abort()
+            raise
+
+    def _flush_acks(self) -> None:
         futures, self._futures = self._futures, []  # on failure the batch is re-sent anyway
         sent, self._sent = self._sent, []
         if not futures:
@@ -523,6 +547,7 @@ class KafkaEdge:
         try:
             try:
                 self.flush()
+                self.abort()  # exactly-once: outputs not covered by a checkpoint are dropped
                 if self._unacked:  # records of an earlier, abandoned flush
                     self.producer.flush(timeout=max(deadline - time.monotonic(), 0.001))
                     self._unacked = False
@@ -545,6 +570,8 @@ class KafkaEdge:
             try:
                 self._close_producer(max(deadline - time.monotonic(), 0.1))
             finally:
+                if self._restore_consumer is not None:
+                    self._restore_consumer.close(autocommit=False)
                 self.consumer.close(autocommit=False,
                                     timeout_ms=int(max(deadline - time.monotonic(), 0.1) * 1e3))
         return clean

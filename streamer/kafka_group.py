@@ -91,7 +91,10 @@ class RebalanceListener(ConsumerRebalanceListener):
         self.edge.generation += 1
         self.edge.rebalancing = True
         self.revoked = {tp.partition for tp in revoked}
-        self.edge.commit_pending()
+        try:
+            self.edge.on_revoking(self.revoked)  # e.g. checkpoint the state they own
+        finally:
+            self.edge.commit_pending()
 
     def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         self.edge.generation += 1

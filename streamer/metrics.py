@@ -141,6 +141,32 @@ class Metrics:
             "1 when the last lag measurement failed (lag values are the last known).",
             registry=reg,
         )
+        self.restore_seconds = Histogram(
+            "streamer_state_restore_seconds", "Changelog restore of an assignment.",
+            buckets=SWAP_BUCKETS, registry=reg,
+        )
+        self.restore_rate = Gauge(
+            "streamer_state_restore_records_per_second",
+            "Changelog records read per second by the last restore.", registry=reg,
+        )
+        self.restored_keys = Counter(
+            "streamer_state_restored_keys_total", "Keys restored from the changelog.",
+            registry=reg,
+        )
+        self.state_skipped = Counter(
+            "streamer_state_records_skipped_total",
+            "Changelog records not restored (the key starts cold), by reason.",
+            ["reason"], registry=reg,
+        )
+        self.state_skipped.labels("corrupt")
+        self.checkpoint_seconds = Histogram(
+            "streamer_checkpoint_seconds", "Checkpoint: records, markers, acks and commit.",
+            buckets=LATENCY_BUCKETS, registry=reg,
+        )
+        self.changelog_bytes = Counter(
+            "streamer_changelog_bytes_total", "Bytes of state records and markers written.",
+            registry=reg,
+        )
         self.model_fallbacks = Counter(
             "streamer_model_fallbacks_total",
             "Starts that refused the CURRENT version and served an older one.", registry=reg,
@@ -246,6 +272,18 @@ class Metrics:
 
     def model_fallback(self) -> None:
         self.model_fallbacks.inc()
+
+    def restored(self, seconds: float, records_per_s: float, keys: int,
+                 skipped: Mapping[str, int]) -> None:
+        self.restore_seconds.observe(seconds)
+        self.restore_rate.set(records_per_s)
+        self.restored_keys.inc(keys)
+        for reason, n in skipped.items():
+            self.state_skipped.labels(reason).inc(n)
+
+    def checkpointed(self, seconds: float, n_bytes: int) -> None:
+        self.checkpoint_seconds.observe(seconds)
+        self.changelog_bytes.inc(n_bytes)
 
     def set_keys_resident(self, n: int) -> None:
         self.keys_resident.set(n)

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from streamer.hotswap import ModelWatcher, open_model_source
 from streamer.kafka_edge import Record
 from streamer.metrics import HealthState, Metrics, MetricsServer
 from streamer.model import resolve_device
+from streamer.recovery import StateEdge, StateRecovery
 from streamer.settings import StreamerSettings
 from streamer.stages import StageTimer
 from streamer.state import StateStore
@@ -78,6 +80,13 @@ class Service:
         self._next_housekeeping = 0.0
         self._next_lag = 0.0
         self.stages = StageTimer()
+        self.recovery: StateRecovery | None = None
+        if settings.changelog:
+            self.recovery = StateRecovery(
+                self.engine, settings.state_topic, settings.checkpoint_interval_s,
+                settings.checkpoint_interval_events, settings.swap_policy)
+        self._restoring = ""  # why state is not restored yet; "" when it is
+        self._restore_needed: set[int] = set()  # partitions whose resident state is unusable
 
     @classmethod
     def from_settings(
@@ -94,21 +103,81 @@ class Service:
     # --- partition ownership (called from inside poll, between batches) -------------------
 
     def _on_assign(self, partitions: set[int]) -> None:
-        self._assigned = partitions
+        previous, self._assigned = self._assigned, partitions
+        if self.recovery is not None:
+            self._restore_assigned(partitions, previous)
         self.metrics.set_assigned_partitions(len(partitions))
         self._update_ready()
         log.info("assigned partitions %s", sorted(partitions))
 
     def _on_revoke(self, partitions: set[int]) -> None:
         released = self.store.release_partitions(partitions)
+        if self.recovery is not None:
+            self.recovery.forget(partitions)
         self.metrics.set_keys_resident(len(self.store))
         log.info("revoked partitions %s: released %d keys", sorted(partitions), released)
+
+    @property
+    def _state_edge(self) -> StateEdge:
+        """The edge as durable state uses it: the kafka-python edge (the settings refuse a
+        changelog with another client until it implements StateEdge too)."""
+        assert self.edge is not None
+        return cast("StateEdge", self.edge)
+
+    def _restore_assigned(self, partitions: set[int], previous: set[int]) -> None:
+        """Inside the assignment: keep a retained partition whose state is exactly its last
+        checkpoint (and read it from the marker on), restore every other one."""
+        assert self.recovery is not None and self.edge is not None
+        keep = {p for p in partitions & previous if self.recovery.clean(p)}
+        for p in keep:
+            self._state_edge.seek(p, self.recovery.position[p])
+        self._restore(partitions - keep)
+
+    def _restore(self, partitions: set[int]) -> None:
+        assert self.recovery is not None and self.edge is not None
+        self._restore_needed |= partitions
+        if not self._restore_needed:
+            return
+        self._restoring = "restoring state from the changelog"
+        self._update_ready()
+        try:
+            stats = self.recovery.restore(self._state_edge, self._restore_needed & self._assigned,
+                                          self.version)
+        except KafkaUnavailable as exc:
+            self._restoring = f"state restore failed, retrying: {exc}"
+            self._update_ready()
+            log.warning("state restore failed, retried between batches: %s", exc)
+            return
+        self._restore_needed.clear()
+        self._restoring = ""
+        self.metrics.restored(stats.seconds, stats.records_per_s, stats.keys, stats.skipped)
+        self.metrics.set_keys_resident(len(self.store))
+        self._update_ready()
+
+    def _on_revoking(self, partitions: set[int]) -> None:
+        """Before partitions go (rebalance or shutdown): checkpoint them; the caller commits
+        and the release follows, whatever happened here."""
+        if self.recovery is None or self.edge is None or self._restore_needed:
+            return
+        try:
+            self._checkpoint(partitions)
+        except (KafkaEdgeError, KafkaUnavailable) as exc:
+            log.error("checkpoint of revoked partitions %s failed: %s; their next owner "
+                      "replays from the previous checkpoint", sorted(partitions), exc)
+
+    def _checkpoint(self, partitions: set[int]) -> None:
+        assert self.recovery is not None and self.edge is not None
+        stats = self.recovery.checkpoint(self._state_edge, partitions, self.version)
+        if stats.partitions:
+            self.metrics.checkpointed(stats.seconds, stats.bytes)
+            if stats.committed:
+                self._committed()
 
     def _on_gap(self, partition: int, skipped: int) -> None:
         self.metrics.offsets_skipped(self.settings.input_topic, partition, skipped)
 
     def _update_ready(self) -> None:
-        reason = (self._fault or self._commit_problem
+        reason = (self._fault or self._commit_problem or self._restoring
                   or ("" if self._assigned else "no partitions assigned"))
         self.health.set_ready(not reason, reason)
         self.metrics.set_ready(not reason)
@@ -182,7 +251,7 @@ class Service:
                     on_dropped=self._on_dropped, on_commit_failed=self._on_commit_failed,
                     stop=stop, beat=self.health.beat,
                     on_stall=lambda reason: self._set_fault(f"Kafka unavailable: {reason}"),
-                    on_refused=self._on_refused,
+                    on_refused=self._on_refused, **self._changelog_kwargs(),
                 )
             except KafkaUnavailable as exc:
                 backoff = min(max(2 * backoff, 0.1), self.settings.retry_backoff_max_s)
@@ -192,6 +261,12 @@ class Service:
                 self.health.beat()
                 if stop.wait(backoff):
                     return None
+
+    def _changelog_kwargs(self) -> dict[str, Any]:
+        """What an edge needs for durable state (only when the changelog is on)."""
+        if self.recovery is None:
+            return {}
+        return {"on_revoking": self._on_revoking, "changelog_topic": self.settings.state_topic}
 
     def _loop(self, stop: threading.Event) -> None:
         assert self.edge is not None
@@ -203,7 +278,9 @@ class Service:
                 t = self.stages.start()
                 batch = self.edge.poll()
                 self.stages.lap("consume", t)
-                if batch:
+                if batch and self._restore_needed:  # restore first, then read from there
+                    self.edge.rewind(batch)
+                elif batch:
                     self.process(batch)
             except KafkaUnavailable as exc:
                 backoff = min(max(2 * backoff, 0.1), self.settings.retry_backoff_max_s)
@@ -226,6 +303,8 @@ class Service:
         try:
             if self.watcher is not None:
                 self.watcher.stop()
+            if failure is None:
+                self._on_revoking(self._assigned)  # SIGTERM: the state survives a restart
             clean = self.edge.close()
         finally:
             self.http.stop()
@@ -264,7 +343,9 @@ class Service:
                 self.metrics.evicted("capacity", evicted)
             emitted = self._emit(batch, decoded, preds)
         t = stages.start()
-        if self.edge.flush_and_commit(batch):
+        if self.recovery is not None:
+            self._flush_and_checkpoint(batch)
+        elif self.edge.flush_and_commit(batch):
             self._committed()
         stages.lap("commit", t)
         stages.batches += 1
@@ -272,6 +353,28 @@ class Service:
         self.metrics.observe_batch(len(batch), step_s)
         self.metrics.set_keys_resident(len(self.store))
         self.metrics.observe_latencies(acked - decoded.ts, acked - polled, emitted)
+
+    def _flush_and_checkpoint(self, batch: Sequence[Message]) -> None:
+        """With a changelog, offsets are committed only with a checkpoint's markers. A batch
+        whose outputs were not acknowledged has already advanced its keys' state: those
+        partitions are restored from the changelog (and replayed) before going on."""
+        assert self.recovery is not None and self.edge is not None
+        try:
+            self._state_edge.flush()
+        except (KafkaUnavailable, KafkaEdgeError):
+            self._restore_needed |= {m.partition for m in batch}
+            self._restoring = "state of an unacknowledged batch must be restored"
+            self._update_ready()
+            raise
+        self.recovery.processed(batch)
+        if self.recovery.due():
+            try:
+                self._checkpoint(self._assigned)
+            except (KafkaUnavailable, KafkaEdgeError):
+                self._restore_needed |= set(self._assigned)  # back to the last checkpoint
+                self._restoring = "a checkpoint failed: state must be restored"
+                self._update_ready()
+                raise
 
     def _emit(self, batch: Sequence[Message], decoded: DecodedBatch, preds: np.ndarray) -> int:
         """Produce one prediction per good event (RFC 8259 JSON: no NaN/Infinity tokens); an
@@ -382,6 +485,8 @@ class Service:
 
     def _between_batches(self) -> None:
         now = time.time()
+        if self._restore_needed and self.edge is not None:
+            self._restore(set())
         if self.watcher is not None:
             self._maybe_swap()
         if now >= self._next_housekeeping:
@@ -431,4 +536,6 @@ class Service:
         rewarm_s = time.perf_counter() - t0
         self.version = candidate.metadata.version
         self.metrics.set_model_version(self.version)
+        if self.recovery is not None:  # every key's h and c changed
+            self.recovery.mark_all_dirty()
         return rewarm_s

@@ -323,6 +323,30 @@ class StreamerSettings(KafkaClientSettings):
     retry_backoff_max_s: float = Field(
         5.0, gt=0, description="longest pause between retries while Kafka is unavailable"
     )
+    # Durable per-key state (see README "Guarantees").
+    changelog: bool = Field(
+        False, description="checkpoint per-key state to a changelog topic and restore it on "
+        "start and on every assignment"
+    )
+    changelog_topic: str | None = Field(
+        None, min_length=1, description="changelog topic, co-partitioned with the input; "
+        "unset means <group_id>-state"
+    )
+    checkpoint_interval_s: float | None = Field(
+        5.0, gt=0, description="seconds between checkpoints (and offset commits) with changelog"
+    )
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once", description="exactly_once: predictions, dead letters, changelog and "
+        "input offsets commit in one Kafka transaction per checkpoint (needs changelog)"
+    )
+    transactional_id: str | None = Field(
+        None, min_length=1, description="exactly_once: producer transactional id, stable per "
+        "replica (e.g. the pod name) so a restart aborts its predecessor's open transaction; "
+        "unset: group_instance_id, else <group_id>-<random> (see README Guarantees)"
+    )
+    checkpoint_interval_events: int | None = Field(
+        None, gt=0, description="events between checkpoints with changelog; unset: by time only"
+    )
 
     @field_validator("metrics_address")
     @classmethod
@@ -355,6 +379,23 @@ class StreamerSettings(KafkaClientSettings):
                 f"({self.session_timeout_ms} ms): a JoinGroup may wait that long",
             )
         return self
+
+    @model_validator(mode="after")
+    def _exactly_once_needs_state(self) -> StreamerSettings:
+        if self.processing_guarantee == "exactly_once" and not self.changelog:
+            raise FieldProblem("processing_guarantee", "exactly_once needs changelog = true: "
+                               "the state must commit in the same transaction as the outputs")
+        if self.processing_guarantee == "exactly_once" and (
+                self.isolation_level != "read_committed"):
+            raise FieldProblem("isolation_level", "exactly_once reads read_committed only")
+        if self.changelog and self.kafka_client != "kafka-python":
+            raise FieldProblem("changelog", "durable state (changelog, exactly_once) runs on "
+                               "kafka_client = kafka-python only so far")
+        return self
+
+    @property
+    def state_topic(self) -> str:
+        return self.changelog_topic or f"{self.group_id}-state"
 
     @property
     def dead_letter_topic(self) -> str:

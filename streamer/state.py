@@ -61,6 +61,11 @@ class StateStore:
         self._partition = np.full(capacity, -1, dtype=np.int64)
         self._last_seen = np.zeros(capacity, dtype=np.float64)
         self._free: list[int] = list(range(capacity - 1, -1, -1))
+        # Changelog bookkeeping (see streamer.recovery): slots changed since their partition's
+        # last checkpoint, and keys evicted since then (their changelog entry gets a tombstone,
+        # so a restore starts them cold as an uninterrupted run would). None: not tracked.
+        self.dirty = np.zeros(capacity, dtype=bool)
+        self.evictions: list[tuple[str, int]] | None = None
 
     @classmethod
     def for_model(
@@ -126,8 +131,11 @@ class StateStore:
         evicted = 0
         for i in missing:
             if not self._free:
-                _, victim = self._slot_of.popitem(last=False)
+                gone, victim = self._slot_of.popitem(last=False)
+                if self.evictions is not None:
+                    self.evictions.append((gone, int(self._partition[victim])))
                 self._key_of[victim] = None
+                self.dirty[victim] = False
                 self._free.append(victim)
                 evicted += 1
             slot = self._free.pop()
@@ -137,6 +145,7 @@ class StateStore:
             is_new[i] = True
         self._partition[slots] = np.asarray(partitions, dtype=np.int64)
         self._last_seen[slots] = now
+        self.dirty[slots] = True
         return slots, is_new, evicted
 
     def reset(self, slots: torch.Tensor) -> None:
@@ -161,6 +170,7 @@ class StateStore:
             if slot is not None:
                 self._key_of[slot] = None
                 self._partition[slot] = -1
+                self.dirty[slot] = False
                 self._free.append(slot)
                 released += 1
         return released
@@ -184,7 +194,24 @@ class StateStore:
             if self._last_seen[slot] > cutoff:
                 break
             stale.append(key)
+        if self.evictions is not None:
+            self.evictions.extend((k, int(self._partition[self._slot_of[k]])) for k in stale)
         return self.release(stale)
+
+    def keys_of(self, partition: int, dirty_only: bool = False) -> list[str]:
+        """Resident keys of ``partition`` (only those changed since the last checkpoint when
+        ``dirty_only``)."""
+        live = self.live_slots()
+        hit = live[self._partition[live] == partition]
+        if dirty_only:
+            hit = hit[self.dirty[hit]]
+        return [k for k in (self._key_of[s] for s in hit) if k is not None]
+
+    def last_seen(self, keys: Sequence[str]) -> np.ndarray:
+        return self._last_seen[[self._slot_of[k] for k in keys]]
+
+    def set_last_seen(self, slots: np.ndarray, when: np.ndarray) -> None:
+        self._last_seen[slots] = when
 
     def window_sequences(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each slot's buffered features oldest first: x [S, W, F] (left-aligned), lengths [S]."""

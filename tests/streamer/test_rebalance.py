@@ -38,6 +38,7 @@ class _Edge:
         self.forgotten: set[int] = set()
         self.on_revoke = service._on_revoke
         self.on_assign = service._on_assign
+        self.on_revoking = service._on_revoking
 
     def forget(self, partitions: set[int]) -> None:
         self.forgotten |= partitions

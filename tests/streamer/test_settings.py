@@ -283,3 +283,19 @@ def test_group_settings_reach_the_consumer() -> None:
             assert config["isolation_level"] == "read_uncommitted"
         finally:
             edge.close()
+
+
+def test_exactly_once_needs_the_changelog_and_read_committed() -> None:
+    from streamer.settings import StreamerSettings, load_settings
+
+    with pytest.raises(ConfigError) as err:
+        load_settings(StreamerSettings, {"processing_guarantee": "exactly_once"}, None)
+    assert err.value.field == "processing_guarantee"
+    with pytest.raises(ConfigError) as err:
+        load_settings(StreamerSettings, {"processing_guarantee": "exactly_once",
+                                         "changelog": True,
+                                         "isolation_level": "read_uncommitted"}, None)
+    assert err.value.field == "isolation_level"
+    ok = load_settings(StreamerSettings, {"processing_guarantee": "exactly_once",
+                                          "changelog": True, "group_id": "g"}, None)
+    assert ok.state_topic == "g-state"
