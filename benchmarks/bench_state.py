@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,36 +39,11 @@ from streamer.recovery import StateRecovery  # noqa: E402
 from streamer.state import StateStore  # noqa: E402
 from tests.e2e.state_scenarios import scale_out_with_crashes  # noqa: E402
 from tests.kafka_helpers import Topics, produce  # noqa: E402
-from tests.state_reference import make_events  # noqa: E402
+from tests.state_reference import ListChangelog, make_events  # noqa: E402
 from tests.streamer.conftest import make_model  # noqa: E402
 from tests.streamer.fault_scenarios import _read_outputs  # noqa: E402
 from tests.streamer.service_helpers import running_service, scrape  # noqa: E402
 from tests.streamer.service_helpers import settings_for as base_settings  # noqa: E402
-
-
-class MemoryEdge:
-    """A changelog held in a list: isolates decode + apply from Kafka in the restore figure."""
-
-    def __init__(self) -> None:
-        self.log: list[tuple[int, bytes, bytes | None, list[tuple[str, bytes]] | None]] = []
-        self.sought: dict[int, int] = {}
-
-    def send_changelog(self, partition: int, key: bytes, value: bytes | None,
-                       headers: list[tuple[str, bytes]] | None = None) -> None:
-        self.log.append((partition, key, value, headers))
-
-    def flush(self) -> None:
-        pass
-
-    def commit_offsets(self, offsets: dict[int, int]) -> bool:
-        return True
-
-    def read_changelog(self, partitions: set[int]) -> Iterator[
-            tuple[int, bytes | None, bytes | None, list[tuple[str, bytes]] | None]]:
-        return (r for r in self.log if r[0] in partitions)
-
-    def seek(self, partition: int, offset: int) -> None:
-        self.sought[partition] = offset
 
 
 def warm_engine(keys: int, hidden: int, seed: int = 0) -> Engine:
@@ -89,7 +63,7 @@ def restore_in_memory(keys: int, hidden: int) -> tuple[float, float, float]:
     source = StateRecovery(engine, "mem", None, None)
     for p in range(4):
         source.position[p] = 100
-    edge = MemoryEdge()
+    edge = ListChangelog()
     t0 = time.perf_counter()
     source.checkpoint(edge, range(4), "v")
     encode_s = time.perf_counter() - t0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +61,29 @@ def compare(
             differing += 1
     return {"events": len(reference), "missing": len(set(reference) - set(seen)),
             "duplicates": sum(n - 1 for n in seen.values()), "differing": differing}
+
+
+class ListChangelog:
+    """The changelog as a list (the StateEdge protocol of streamer.recovery): isolates the
+    restore rules, and decode + apply in the restore figure, from Kafka."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[int, bytes, bytes | None, list[tuple[str, bytes]] | None]] = []
+        self.sought: dict[int, int] = {}
+
+    def send_changelog(self, partition: int, key: bytes, value: bytes | None,
+                       headers: list[tuple[str, bytes]] | None = None) -> None:
+        self.log.append((partition, key, value, headers))
+
+    def flush(self) -> None:
+        pass
+
+    def commit_offsets(self, offsets: dict[int, int]) -> bool:
+        return True
+
+    def read_changelog(self, partitions: set[int]) -> Iterator[
+            tuple[int, bytes | None, bytes | None, list[tuple[str, bytes]] | None]]:
+        return iter([r for r in self.log if r[0] in partitions])
+
+    def seek(self, partition: int, offset: int) -> None:
+        self.sought[partition] = offset

@@ -7,10 +7,12 @@ scripts/check_cuda.sh does that on a machine that has one.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+from streamer.artifact import save_artifact
 from streamer.features import FeatureSpec, default_spec
 from streamer.model import LSTMModel, ModelConfig
 
@@ -30,3 +32,13 @@ def make_model(
 @pytest.fixture
 def generic_spec() -> FeatureSpec:
     return default_spec("generic", n_features=4)
+
+
+@pytest.fixture
+def touchy_artifact(tmp_path: Path) -> Path:
+    """A model whose input scaling overflows float32 for large but finite inputs (near 3e38):
+    its step goes non-finite, so the state guard runs."""
+    spec = default_spec("generic", n_features=4).with_stats([0.0] * 4, [1e-3] * 4)
+    path = tmp_path / "touchy"
+    save_artifact(path, make_model(spec=spec, seed=7), version="v-touchy")
+    return path

@@ -28,6 +28,8 @@ def test_service_survives_fault(name: str, artifact_dir: Path) -> None:
     assert report.predictions_out == report.events_in + report.duplicates
     assert report.recovery_s is not None, report
     assert report.ready, report
-    if name in ("broker_down", "coordinator_down"):
-        # While it cannot make progress, /readyz says so and why.
+    if name == "coordinator_down":
+        # While it cannot commit, /readyz says so and why. (With one broker of three down the
+        # service may well keep making progress: the writer's records for that broker's
+        # partitions wait with it, and every other partition flows, so readiness may stay.)
         assert any(r.startswith("Kafka unavailable") for r in report.not_ready_reasons), report

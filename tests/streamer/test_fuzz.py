@@ -18,19 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from confluent_kafka import Producer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka import KafkaConsumer, TopicPartition
 
 from streamer import events
-from streamer.artifact import save_artifact
 from streamer.events import FLOAT32_MAX, Message, decode_batch
 from streamer.features import default_spec
 
 from ..kafka_helpers import Topics
-from .conftest import make_model
 from .service_helpers import running_service, settings_for
 
 NOW = time.time()
@@ -180,15 +177,6 @@ def test_decoder_sorts_every_message_into_one_good_event_or_one_reason(
         assert 0 < len(key.encode("utf-8")) <= MAX_KEY_BYTES
         # What the service writes for this event is valid JSON.
         json.dumps({"key": key, "ts": decoded.ts_raw[j], "prediction": [0.0]}, allow_nan=False)
-
-
-@pytest.fixture
-def touchy_artifact(tmp_path: Path) -> Path:
-    """Input scaling that overflows float32 for large (valid) inputs: the state guard runs."""
-    spec = default_spec("generic", n_features=4).with_stats([0.0] * 4, [1e-3] * 4)
-    path = tmp_path / "touchy"
-    save_artifact(path, make_model(spec=spec, seed=7), version="v-touchy")
-    return path
 
 
 class _Outputs:

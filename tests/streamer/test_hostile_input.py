@@ -14,12 +14,10 @@ import pytest
 from confluent_kafka import Producer
 from kafka import KafkaProducer
 
-from streamer.artifact import load_artifact, save_artifact
-from streamer.features import default_spec
+from streamer.artifact import load_artifact
 
 from ..kafka_helpers import Topics, produce, read_topic
 from ..reference import reference_predictions
-from .conftest import make_model
 from .service_helpers import running_service, sample, scrape, settings_for
 
 
@@ -71,15 +69,6 @@ def test_values_that_overflow_float32_are_out_of_range_and_leave_state_untouched
                                      np.array([now, now + 3]))
     np.testing.assert_allclose([p["prediction"] for p in preds], expected, rtol=1e-5, atol=1e-6)
     assert sample(text, "streamer_dead_letter_total", 'reason="out_of_range"') == 2
-
-
-@pytest.fixture
-def touchy_artifact(tmp_path: Path) -> Path:
-    """A model whose input scaling overflows float32 for inputs near 3e38 (finite inputs)."""
-    spec = default_spec("generic", n_features=4).with_stats([0.0] * 4, [1e-3] * 4)
-    path = tmp_path / "touchy"
-    save_artifact(path, make_model(spec=spec, seed=7), version="v-touchy")
-    return path
 
 
 def test_a_step_that_overflows_keeps_the_key_state_and_dead_letters_the_event(

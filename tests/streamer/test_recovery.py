@@ -26,7 +26,7 @@ from streamer.service import Service
 from streamer.state import StateStore
 
 from ..kafka_helpers import Topics, produce
-from ..state_reference import compare, make_events, uninterrupted
+from ..state_reference import ListChangelog, compare, make_events, uninterrupted
 from .conftest import make_model
 from .fault_scenarios import _read_outputs
 from .service_helpers import running_service, sample, scrape, settings_for
@@ -132,30 +132,6 @@ def test_corrupt_record_is_skipped_counted_and_logged_with_its_key(
     assert np.isfinite([o["prediction"][0] for o in outputs]).all()
 
 
-class _ListChangelog:
-    """The changelog as a list (the StateEdge protocol): isolates the restore rules."""
-
-    def __init__(self) -> None:
-        self.log: list[tuple[int, bytes, bytes | None, list[tuple[str, bytes]] | None]] = []
-        self.sought: dict[int, int] = {}
-
-    def send_changelog(self, partition: int, key: bytes, value: bytes | None,
-                       headers: list[tuple[str, bytes]] | None = None) -> None:
-        self.log.append((partition, key, value, headers))
-
-    def flush(self) -> None:
-        pass
-
-    def commit_offsets(self, offsets: dict[int, int]) -> bool:
-        return True
-
-    def read_changelog(self, partitions: set[int]):  # type: ignore[no-untyped-def]
-        return iter([r for r in self.log if r[0] in partitions])
-
-    def seek(self, partition: int, offset: int) -> None:
-        self.sought[partition] = offset
-
-
 def _engine(seed: int = 0, capacity: int = 64) -> Engine:
     model = make_model(seed=seed)
     return Engine(model, StateStore.for_model(model, capacity=capacity, window=8))
@@ -168,7 +144,7 @@ def _step(engine: Engine, keys: list[str], part: int, seed: int) -> None:
 
 
 def test_restore_takes_the_last_complete_checkpoint_and_honours_tombstones() -> None:
-    source, edge = _engine(), _ListChangelog()
+    source, edge = _engine(), ListChangelog()
     rec = StateRecovery(source, "cl", None, None)
     _step(source, ["a", "b", "c"], 1, 0)
     rec.processed([Message(b"a", b"", 1, 9)])
@@ -194,7 +170,7 @@ def test_restore_takes_the_last_complete_checkpoint_and_honours_tombstones() -> 
 
 
 def test_restore_of_another_model_version_rewarms_or_resets_per_policy() -> None:
-    source, edge = _engine(seed=1), _ListChangelog()
+    source, edge = _engine(seed=1), ListChangelog()
     rec = StateRecovery(source, "cl", None, None)
     _step(source, ["a", "b"] * 5, 0, 3)
     rec.processed([Message(b"a", b"", 0, 0)])
