@@ -11,7 +11,6 @@ when they differ. On CUDA it also counts host<->device copies in one
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
@@ -38,14 +37,8 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    runs = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs[1:])
+    """Median seconds per call (after the warm-up calls of :func:`step_times`)."""
+    return float(np.median(step_times(fn, device, repeats)))
 
 
 def step_times(fn, device: torch.device, repeats: int) -> np.ndarray:  # type: ignore[no-untyped-def]
