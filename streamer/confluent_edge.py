@@ -127,7 +127,6 @@ class ConfluentEdge:
         beat: Callable[[], None] | None = None,
         on_refused: RefusedCallback | None = None,
         on_stall: Callable[[str], None] | None = None,
-        **_: Any,
     ) -> None:
         self.settings = settings
         self.topic = settings.input_topic
