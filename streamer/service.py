@@ -348,7 +348,6 @@ class Service:
         elif self.edge.flush_and_commit(batch):
             self._committed()
         stages.lap("commit", t)
-        stages.batches += 1
         acked = time.time()
         self.metrics.observe_batch(len(batch), step_s)
         self.metrics.set_keys_resident(len(self.store))

@@ -33,7 +33,6 @@ class StageTimer:
 
     def __init__(self) -> None:
         self._seconds = dict.fromkeys(STAGES, 0.0)
-        self.batches = 0
 
     @staticmethod
     def start() -> float:
@@ -59,4 +58,3 @@ class StageTimer:
     def reset(self) -> None:
         for k in self._seconds:
             self._seconds[k] = 0.0
-        self.batches = 0

@@ -18,6 +18,7 @@ from streamer.checkpoint import (
     write_states,
 )
 from streamer.engine import Engine
+from streamer.features import default_spec
 from streamer.state import StateStore
 
 from .conftest import make_model
@@ -26,13 +27,15 @@ SLOT_TENSORS = ("prev_raw", "prev_ts", "has_prev", "stats", "count", "win", "win
 
 
 def _warm_store() -> tuple[StateStore, list[str]]:
-    model = make_model(seed=3)
+    # Per-key normalization on, so the statistics slots hold values worth round-tripping.
+    model = make_model(spec=default_spec("generic", n_features=4, half_life=6.0), seed=3)
     store = StateStore.for_model(model, capacity=64, window=8)
     engine = Engine(model, store)
     rng = np.random.default_rng(0)
     keys = [f"k{i % 9}" for i in range(60)]
     engine.process(keys, [i % 4 for i in range(60)], rng.normal(size=(60, 4)),
                    1000.0 + np.arange(60, dtype=np.float64), 5.0)
+    assert store.stats.any() and store.count.any()
     return store, sorted(set(keys))
 
 

@@ -153,6 +153,7 @@ def test_swap_reset_and_keep_policies() -> None:
 def test_a_key_whose_step_overflows_keeps_its_state_while_others_advance() -> None:
     """State guard: in one batch, key a's overflowing event leaves a's state (h, c, previous
     event, re-warm window) as it was and its predictions NaN; key b advances as usual."""
+    # Without per-key normalization: with it, a key's own scale absorbs even 3e38 inputs.
     spec = default_spec("generic", n_features=4).with_stats([0.0] * 4, [1e-3] * 4)
     model = _make_model(spec=spec, seed=7, device=TEST_DEVICE)
     engine = Engine(model, _store(model))
@@ -160,8 +161,9 @@ def test_a_key_whose_step_overflows_keeps_its_state_while_others_advance() -> No
     good = np.array([[0.5, -1.0, 2.0, 0.25]])
     engine.process(["a", "b"], [0, 0], np.vstack([good, good]), np.array([1.0, 1.0]), 0.0)
     slot_a = int(store.assign(["a"], np.array([0]), 0.0)[0][0])
-    before = {n: getattr(store, n)[slot_a].clone() for n in ("prev_raw", "prev_ts", "win",
-                                                              "win_len", "win_next")}
+    guarded = ("prev_raw", "prev_ts", "has_prev", "stats", "count", "win", "win_len",
+               "win_next")
+    before = {n: getattr(store, n)[slot_a].clone() for n in guarded}
     h_a, c_a = store.h[:, slot_a].clone(), store.c[:, slot_a].clone()
     bad = np.array([[3e38, -3e38, 3e38, -3e38]])
     raw = np.vstack([good, bad, good, good])
