@@ -140,8 +140,8 @@ class StateRecovery:
     def clean(self, partition: int) -> bool:
         """True when the resident state of ``partition`` is exactly its last checkpoint's."""
         pos = self.position.get(partition)
-        return pos is not None and self.marker.get(partition) == pos and not any(
-            self.store.dirty[self.store.slot(k)] for k in self.store.keys_of(partition))
+        return pos is not None and self.marker.get(partition) == pos and not (
+            self.store.keys_of(partition, dirty_only=True))
 
     def checkpoint(self, edge: StateEdge, partitions: Iterable[int],
                    version: str) -> CheckpointStats:
@@ -160,14 +160,13 @@ class StateRecovery:
         written: list[str] = []
         for p in sorted(wanted):
             pos = self.position.get(p)
-            if pos is None or (pos == self.marker.get(p) and p not in gone
-                               and not store.keys_of(p, dirty_only=True)):
+            keys = store.keys_of(p, dirty_only=True) if pos is not None else []
+            if pos is None or (pos == self.marker.get(p) and p not in gone and not keys):
                 continue
             for key in gone.get(p, []):
                 if key not in store or store.partition_of(key) != p:
                     edge.send_changelog(p, key.encode(), None)
                     stats.records += 1
-            keys = store.keys_of(p, dirty_only=True)
             values = encode_states(store, keys, version, store.last_seen(keys))
             for key, value in zip(keys, values, strict=True):
                 edge.send_changelog(p, key.encode(), value)
