@@ -20,12 +20,10 @@ from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
 from streamer.errors import KafkaUnavailable
-from streamer.kafka_group import wrap
+from streamer.kafka_group import RECONNECT_BACKOFF_MAX_MS, wrap
 from streamer.settings import StreamerSettings
 
 log = logging.getLogger(__name__)
-
-RECONNECT_BACKOFF_MAX_MS = 1000  # as the edge's own clients
 
 
 class ChangelogMixin:

@@ -46,6 +46,7 @@ from streamer.kafka_changelog import ChangelogMixin
 from streamer.kafka_group import (
     ASSIGNORS,
     MEMBERSHIP_ERRORS,
+    RECONNECT_BACKOFF_MAX_MS,
     RebalanceListener,
     is_transient,
     wrap,
@@ -63,9 +64,6 @@ RefusedCallback = Callable[[Record, object, Exception, bool], Record | None]
 REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError,
            CorruptRecordError, PolicyViolationError)
 
-# kafka-python backs reconnects off up to 30 s; a broker back after an outage would then wait
-# that long for us. 1 s keeps recovery quick at one connection attempt per second per broker.
-RECONNECT_BACKOFF_MAX_MS = 1000
 COORDINATOR_GRACE_S = 2.0  # finding the coordinator at start or after a move takes a moment
 STALL_S = 2.0  # a flush waiting longer than this makes the service not ready until it ends
 _WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
@@ -169,6 +167,9 @@ class KafkaEdge(ChangelogMixin):
                 request_timeout_ms=settings.request_timeout_ms,
                 reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
                 max_request_size=settings.max_request_size,
+                # send(), partitions_for() and init_transactions() block on metadata or a full
+                # buffer for max_block_ms (kafka-python: 60 s): keep that inside our bounds.
+                max_block_ms=int(min(settings.flush_timeout_s, settings.drain_timeout_s) * 1e3),
                 compression_type=(None if settings.output_compression == "none"
                                   else settings.output_compression),
                 metrics_enabled=False,

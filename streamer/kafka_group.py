@@ -70,6 +70,11 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, KafkaError) and not isinstance(exc, FATAL_ERRORS)
 
 
+# kafka-python backs reconnects off up to 30 s; a broker back after an outage would then wait
+# that long for us. 1 s keeps recovery quick at one connection attempt per second per broker.
+RECONNECT_BACKOFF_MAX_MS = 1000
+
+
 def wrap(what: str, exc: KafkaError) -> KafkaEdgeError:
     cls = KafkaUnavailable if is_transient(exc) else KafkaEdgeError
     return cls(f"{what}: {type(exc).__name__}: {exc}")

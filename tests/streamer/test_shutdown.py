@@ -156,14 +156,19 @@ def test_transient_poll_errors_are_retried_and_reported_not_ready(
     consumer = _ScriptedConsumer([NoBrokersAvailable(), KafkaTimeoutError(),
                                   InvalidRequestError("SyncGroup refused")])
     reasons: list[str] = []
+    ready_again: list[bool] = []
 
     def recovered(service: Service) -> bool:
         reasons.append(service.health.not_ready_reason())
-        return consumer.polls > 5 and service.health.ready()
+        if consumer.polls > 5 and service.health.ready():
+            ready_again.append(True)
+            return True
+        return False
 
     caplog.set_level(logging.INFO, logger="streamer.service")
     service = _run_with(consumer, artifact_dir, recovered)
     assert consumer.polls > 5, "the loop kept polling after the errors"
+    assert ready_again, "never ready again after the retries"
     assert any(r.startswith("Kafka unavailable") for r in reasons), set(reasons)
     assert service.metrics.kafka_retries._value.get() == 3
     assert any("stopped cleanly" in r.getMessage() for r in caplog.records)
