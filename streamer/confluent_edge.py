@@ -37,6 +37,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from streamer.confluent_changelog import ConfluentChangelogMixin, transactional_config
 from streamer.errors import ConfigError, KafkaEdgeError, KafkaUnavailable
 from streamer.events import Message
 from streamer.settings import StreamerSettings
@@ -108,7 +109,7 @@ def librdkafka_config(settings: StreamerSettings) -> dict[str, Any]:
     return conf
 
 
-class ConfluentEdge:
+class ConfluentEdge(ConfluentChangelogMixin):
     """One consumer-group member and one idempotent producer on librdkafka.
 
     ``stop`` (optional) is the service's stop event: once set, waits are cut to what is left of
@@ -127,6 +128,8 @@ class ConfluentEdge:
         beat: Callable[[], None] | None = None,
         on_refused: RefusedCallback | None = None,
         on_stall: Callable[[str], None] | None = None,
+        on_revoking: PartitionCallback | None = None,
+        changelog_topic: str | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.input_topic
@@ -150,6 +153,7 @@ class ConfluentEdge:
         self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
         self._sent = 0
         self._failures: list[KafkaError] = []
+        self._init_changelog(on_revoking, changelog_topic)
         base = librdkafka_config(settings)
         assignor = ASSIGNORS[getattr(settings, "partition_assignor", "sticky")]
         self._cooperative = assignor == "cooperative-sticky"
@@ -185,6 +189,7 @@ class ConfluentEdge:
             "on_delivery": self._delivered,
             "delivery.report.only.error": True,  # no Python call per acknowledged record
             "error_cb": self._on_error,
+            **transactional_config(settings),
         }
         compression = getattr(settings, "output_compression", None)
         if compression not in (None, "none"):
@@ -199,6 +204,7 @@ class ConfluentEdge:
             self.producer = Producer(producer_conf)
         except KafkaException as exc:
             raise KafkaEdgeError(f"bad Kafka client configuration: {exc}") from exc
+        self._init_transactions()
         self.consumer.subscribe([self.topic], on_assign=self._assigned, on_revoke=self._revoked,
                                 on_lost=self._lost)
 
@@ -218,16 +224,23 @@ class ConfluentEdge:
             for tp in partitions:
                 if tp.partition in self._next_offset:
                     tp.offset = self._next_offset[tp.partition]
-            consumer.assign(partitions)
-        else:
-            consumer.incremental_assign(partitions)
         self._owned |= added
-        self.on_assign(set(self._owned))
+        self._assigning = added  # a seek of these (a restore) sets their start offset
+        try:
+            self.on_assign(set(self._owned))
+        finally:
+            self._assigning = None
+            self._start_offsets(partitions)
+            if self._cooperative:
+                consumer.incremental_assign(partitions)
+            else:
+                consumer.assign(partitions)
 
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.generation += 1
         revoked = {tp.partition for tp in partitions}
         try:
+            self.on_revoking(revoked)  # e.g. checkpoint the state they own
             self._commit_now()
         finally:
             self._release(consumer, partitions, revoked)
@@ -286,6 +299,7 @@ class ConfluentEdge:
         of partitions revoked meanwhile (counted through ``on_dropped``)."""
         limit = self.settings.max_batch_events
         generation = self.generation
+        self._sought = {}
         first = self.consumer.poll(_IDLE_POLL_S)
         if first is None:
             self._check_fatal()
@@ -308,7 +322,7 @@ class ConfluentEdge:
                 self.on_dropped(len(batch) - len(kept))
                 log.warning("rebalance during a batch: dropped %d records of partitions no "
                             "longer assigned", len(batch) - len(kept))
-            batch = kept
+            batch = self._drop_sought(kept)
         return batch
 
     def _check_gap(self, partition: int, offset: int) -> None:
@@ -421,7 +435,7 @@ class ConfluentEdge:
                     self._uncommitted.get(msg.partition, 0), msg.offset + 1)
         return self.commit_pending()
 
-    def flush(self) -> None:
+    def _flush_acks(self) -> None:
         sent, self._sent = self._sent, 0
         if not sent and not self._failures:
             return
@@ -445,7 +459,7 @@ class ConfluentEdge:
             for record, origin, err, final in refused:
                 self._refuse(record, origin, err, final)
             self._sent += 1  # let the recursive flush wait even if every replacement was dropped
-            return self.flush()
+            return self._flush_acks()
         failures, self._failures = self._failures, []
         if failures:
             err = failures[0]
@@ -533,4 +547,5 @@ class ConfluentEdge:
             self.consumer.close()
         except (KafkaException, RuntimeError) as exc:
             log.warning("leaving the group: %s", exc)
+        self._close_changelog()
         return clean

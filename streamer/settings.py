@@ -388,9 +388,6 @@ class StreamerSettings(KafkaClientSettings):
         if self.processing_guarantee == "exactly_once" and (
                 self.isolation_level != "read_committed"):
             raise FieldProblem("isolation_level", "exactly_once reads read_committed only")
-        if self.changelog and self.kafka_client != "kafka-python":
-            raise FieldProblem("changelog", "durable state (changelog, exactly_once) runs on "
-                               "kafka_client = kafka-python only so far")
         return self
 
     @property
