@@ -30,14 +30,15 @@ from ..streamer.fault_scenarios import _read_outputs
 
 def _process(topics: Topics, artifact_dir: Path, group: str,
              changelog: bool = True, guarantee: str = "at_least_once",
-             interval_s: str = "0.5", replica: str = "") -> subprocess.Popen[str]:
+             interval_s: str = "0.5", replica: str = "",
+             client: str = "kafka-python") -> subprocess.Popen[str]:
     env = {
         **os.environ, "STREAMER_DEVICE": "cpu", "STREAMER_DLQ_TOPIC": topics.dlq,
         "STREAMER_CHANGELOG": str(changelog).lower(), "STREAMER_CHECKPOINT_INTERVAL_S": interval_s,
         "STREAMER_PROCESSING_GUARANTEE": guarantee,
         "STREAMER_SESSION_TIMEOUT_MS": "3000", "STREAMER_HEARTBEAT_INTERVAL_MS": "500",
         "STREAMER_REQUEST_TIMEOUT_MS": "6000", "STREAMER_CHECK_CRCS": "false",
-        "STREAMER_LOG_LEVEL": "INFO",
+        "STREAMER_LOG_LEVEL": "INFO", "STREAMER_KAFKA_CLIENT": client,
         **({"STREAMER_TRANSACTIONAL_ID": f"{group}-{replica}"} if replica else {}),
     }
     return subprocess.Popen(
@@ -51,11 +52,12 @@ def _process(topics: Topics, artifact_dir: Path, group: str,
 
 def scale_out_with_crashes(
     broker: EmbeddedBroker, artifact_dir: Path, n: int = 4000, n_keys: int = 100,
-    changelog: bool = True, check: bool = True,
+    changelog: bool = True, check: bool = True, client: str = "kafka-python",
 ) -> dict[str, int]:
     """Run the scenario; returns events, missing, duplicates, differing (the goal: 0, any,
     0 duplicates with other values, 0). ``changelog=False`` shows what is lost without it;
-    ``check`` raises (with the processes' logs) when anything is missing or differs."""
+    ``check`` raises (with the processes' logs) when anything is missing or differs;
+    ``client`` is the processes' ``kafka_client``."""
     name = f"ev-{uuid.uuid4().hex[:8]}"
     topics = Topics(broker.bootstrap_servers, name, f"{name}.out", f"{name}.dlq")
     group = f"g-{name}"
@@ -77,16 +79,16 @@ def scale_out_with_crashes(
         fed.set()
 
     try:
-        procs["A"] = _process(topics, artifact_dir, group, changelog)
+        procs["A"] = _process(topics, artifact_dir, group, changelog, client=client)
         if not read_topic(topics.bootstrap, topics.output, expect=1, timeout_s=60, settle_s=0):
             raise AssertionError("A never predicted")
         feeder = threading.Thread(target=feed, args=(quarter, 3 * quarter), daemon=True)
         feeder.start()
-        procs["B"] = _process(topics, artifact_dir, group, changelog)  # joins mid-stream
+        procs["B"] = _process(topics, artifact_dir, group, changelog, client=client)  # joins mid-stream
         time.sleep(4)
         procs["A"].kill()  # SIGKILL: no drain, no checkpoint
         logs["A"] = procs["A"].communicate(timeout=30)[0]
-        procs["C"] = _process(topics, artifact_dir, group, changelog)
+        procs["C"] = _process(topics, artifact_dir, group, changelog, client=client)
         time.sleep(4)
         procs["B"].send_signal(signal.SIGTERM)
         logs["B"] = procs["B"].communicate(timeout=60)[0]
@@ -139,6 +141,7 @@ class Cluster(Protocol):
 
 def exactly_once_sigkill(
     cluster: Cluster, artifact_dir: Path, n: int = 3000, n_keys: int = 80,
+    client: str = "kafka-python",
 ) -> dict[str, int]:
     """exactly_once: A is SIGKILLed mid-stream, B (same transactional id, as a restarted
     replica) takes over. Returns what a read_committed reader of the predictions sees: on
@@ -156,7 +159,7 @@ def exactly_once_sigkill(
     logs: dict[str, str] = {}
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
-        procs["A"] = _process(topics, artifact_dir, group, True, "exactly_once", "0.2", "r0")
+        procs["A"] = _process(topics, artifact_dir, group, True, "exactly_once", "0.2", "r0", client)
         if not read_topic(topics.bootstrap, topics.output, expect=200, timeout_s=60,
                           settle_s=0):
             raise AssertionError("A never predicted")
@@ -164,7 +167,7 @@ def exactly_once_sigkill(
         time.sleep(1)
         procs["A"].kill()
         logs["A"] = procs["A"].communicate(timeout=30)[0]
-        procs["B"] = _process(topics, artifact_dir, group, True, "exactly_once", "0.2", "r0")
+        procs["B"] = _process(topics, artifact_dir, group, True, "exactly_once", "0.2", "r0", client)
         coords.extend(produce(topics.bootstrap, topics.input, records[3 * n // 4:]))
         outputs = _read_committed(topics.bootstrap, topics.output, set(coords), timeout_s=90)
         procs["B"].send_signal(signal.SIGTERM)

@@ -16,9 +16,10 @@ from .state_scenarios import exactly_once_sigkill, scale_out_with_crashes
 
 
 def test_scale_out_sigkill_sigterm_keep_every_prediction_exact(
-    broker: EmbeddedBroker, artifact_dir: Path
+    broker: EmbeddedBroker, artifact_dir: Path, kafka_client: str
 ) -> None:
-    result = scale_out_with_crashes(broker, artifact_dir, n=3000, n_keys=80)
+    result = scale_out_with_crashes(broker, artifact_dir, n=3000, n_keys=80,
+                                    client=kafka_client)
     assert result["events"] == 3000
     assert result["missing"] == 0
     assert result["differing"] == 0
@@ -27,9 +28,10 @@ def test_scale_out_sigkill_sigterm_keep_every_prediction_exact(
 
 
 def test_exactly_once_read_committed_sees_each_offset_once_across_sigkill(
-    kafka_cluster: KafkaCluster, artifact_dir: Path
+    kafka_cluster: KafkaCluster, artifact_dir: Path, kafka_client: str
 ) -> None:
-    result = exactly_once_sigkill(kafka_cluster, artifact_dir, n=2000, n_keys=60)
+    result = exactly_once_sigkill(kafka_cluster, artifact_dir, n=2000, n_keys=60,
+                                  client=kafka_client)
     assert (result["events"], result["missing"], result["differing"]) == (2000, 0, 0)
     if isinstance(kafka_cluster, AdminCluster):  # a broker that honours transactions
         assert result["duplicates"] == 0
