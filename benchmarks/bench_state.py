@@ -12,7 +12,11 @@ the cost of checkpointing.
    events, every 0.1 s, and exactly-once committing every 0.1 s (in-process service,
    embedded broker; exactly-once outputs become visible at the commit, not at the ack).
 
+Runs 1, 2 (through the broker) and 4 for each Kafka client of ``--client`` (kafka-python,
+confluent or both).
+
     .venv/bin/python benchmarks/bench_state.py
+    .venv/bin/python benchmarks/bench_state.py --client confluent
     .venv/bin/python benchmarks/bench_state.py --keys 100000 --events 20000 --skip-scaleout
 """
 
@@ -33,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from streamer.artifact import save_artifact  # noqa: E402
 from streamer.broker import EmbeddedBroker  # noqa: E402
 from streamer.checkpoint import encode_states  # noqa: E402
+from streamer.confluent_edge import ConfluentEdge  # noqa: E402
 from streamer.engine import Engine  # noqa: E402
 from streamer.kafka_edge import KafkaEdge  # noqa: E402
 from streamer.recovery import StateRecovery  # noqa: E402
@@ -80,7 +85,13 @@ class _Unassigned(KafkaEdge):
         pass
 
 
-def restore_through_broker(keys: int, hidden: int) -> tuple[int, float, float]:
+class _UnassignedConfluent(ConfluentEdge):
+    def seek(self, partition: int, offset: int) -> None:
+        pass
+
+
+def restore_through_broker(keys: int, hidden: int,
+                           client: str = "kafka-python") -> tuple[int, float, float]:
     """Checkpoint ``keys`` keys to the embedded broker and restore them with the real edge."""
     with EmbeddedBroker() as broker:
         name = f"r-{uuid.uuid4().hex[:6]}"
@@ -88,9 +99,11 @@ def restore_through_broker(keys: int, hidden: int) -> tuple[int, float, float]:
         for t, n in [(name, 4), (f"{name}.out", 4), (f"{name}.dlq", 1), (f"{name}-state", 4)]:
             broker.create_topic(t, partitions=n)
         s = base_settings(topics, Path("."), changelog=True, changelog_topic=f"{name}-state",
-                          capacity=keys, max_batch_events=64, check_crcs=False)
+                          capacity=keys, max_batch_events=64, check_crcs=False,
+                          kafka_client=client)
         engine = warm_engine(keys, hidden)
-        edge = _Unassigned(s, lambda p: None, lambda p: None, changelog_topic=f"{name}-state")
+        cls = _UnassignedConfluent if client == "confluent" else _Unassigned
+        edge = cls(s, lambda p: None, lambda p: None, changelog_topic=f"{name}-state")
         try:
             source = StateRecovery(engine, s.state_topic, None, None)
             for p in range(4):
@@ -104,7 +117,8 @@ def restore_through_broker(keys: int, hidden: int) -> tuple[int, float, float]:
         return stats.keys, stats.seconds, stats.records_per_s
 
 
-def checkpoint_cost(model_dir: Path, n: int, keys: int) -> list[tuple[str, float, float, float]]:
+def checkpoint_cost(model_dir: Path, n: int, keys: int,
+                    client: str = "kafka-python") -> list[tuple[str, float, float, float]]:
     rows = []
     for label, extra in [("off", {}),
                          ("every 1 s", dict(changelog=True, checkpoint_interval_s=1.0)),
@@ -121,7 +135,8 @@ def checkpoint_cost(model_dir: Path, n: int, keys: int) -> list[tuple[str, float
                              (f"g-{name}-state", 4)]:
                 broker.create_topic(t, partitions=parts)
             coords = produce(topics.bootstrap, name, make_events(n, keys, seed=5))
-            s = base_settings(topics, model_dir, max_batch_events=256, **extra)
+            s = base_settings(topics, model_dir, max_batch_events=256, kafka_client=client,
+                              **extra)
             t0 = time.perf_counter()
             with running_service(s) as service:
                 _read_outputs(topics.bootstrap, topics.output, set(coords), timeout_s=300)
@@ -156,17 +171,22 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the model")
     parser.add_argument("--events", type=int, default=20_000, help="events for the cost run")
     parser.add_argument("--skip-scaleout", action="store_true")
+    parser.add_argument("--client", choices=["kafka-python", "confluent", "both"],
+                        default="both", help="Kafka client(s) of the runs through the broker")
     ns = parser.parse_args()
+    clients = ["kafka-python", "confluent"] if ns.client == "both" else [ns.client]
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     model_dir = Path(tempfile.mkdtemp(prefix="bench-state-")) / "model"
     save_artifact(model_dir, make_model(seed=7), version="bench")
 
-    if not ns.skip_scaleout:
-        print("scale-out/crash run (3 processes: join, SIGKILL, SIGTERM; 4000 events, 100 keys)")
+    for client in clients if not ns.skip_scaleout else []:
+        print(f"scale-out/crash run, {client} (3 processes: join, SIGKILL, SIGTERM; 4000 "
+              "events, 100 keys)")
         for changelog in (True, False):
             with EmbeddedBroker() as broker:
-                r = scale_out_with_crashes(broker, model_dir, changelog=changelog, check=False)
+                r = scale_out_with_crashes(broker, model_dir, changelog=changelog, check=False,
+                                           client=client)
             print(f"  changelog {'on ' if changelog else 'off'}: events {r['events']}, "
                   f"missing {r['missing']}, duplicates {r['duplicates']}, differing from "
                   f"uninterrupted {r['differing']} ({100 * r['differing'] / r['events']:.1f}%)",
@@ -182,15 +202,17 @@ def main() -> None:
     print(f"restore {ns.keys} keys (H={ns.hidden}), decode+apply only: {seconds:.2f} s, "
           f"{rate:,.0f} records/s (checkpoint encode of all keys: {encode_s:.2f} s)")
     fit = 6000  # ~1.3 MiB per partition at H=16: fits the mock broker's 5 MiB
-    keys, seconds, rate = restore_through_broker(fit, 16)
-    print(f"restore {keys} keys (H=16) through the embedded broker (read + decode + apply): "
-          f"{seconds:.2f} s, {rate:,.0f} records/s")
+    for client in clients:
+        keys, seconds, rate = restore_through_broker(fit, 16, client)
+        print(f"restore {keys} keys (H=16) through the embedded broker, {client} (read + "
+              f"decode + apply): {seconds:.2f} s, {rate:,.0f} records/s", flush=True)
 
-    print(f"checkpoint cost, in-process service, {ns.events} events over 2000 keys "
-          f"(p99 at Prometheus bucket resolution)")
-    for label, eps, p99, ckpt in checkpoint_cost(model_dir, ns.events, 2000):
-        print(f"  checkpoints {label:<17} {eps:>9,.0f} events/s   processing p99 <= "
-              f"{p99 * 1e3:.0f} ms   checkpoint p99 <= {ckpt * 1e3:.0f} ms", flush=True)
+    for client in clients:
+        print(f"checkpoint cost, {client}, in-process service, {ns.events} events over 2000 "
+              f"keys (p99 at Prometheus bucket resolution)")
+        for label, eps, p99, ckpt in checkpoint_cost(model_dir, ns.events, 2000, client):
+            print(f"  checkpoints {label:<17} {eps:>9,.0f} events/s   processing p99 <= "
+                  f"{p99 * 1e3:.0f} ms   checkpoint p99 <= {ckpt * 1e3:.0f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -155,16 +155,24 @@ class Engine:
 
     def _rewarm(self, chunk: int) -> int:
         store = self.store
-        live = torch.from_numpy(store.live_slots()).to(store.device)
-        live = live[store.win_len[live] > 0]
         store.reset_all()
+        return self.rewarm(torch.from_numpy(store.live_slots()).to(store.device), chunk)
+
+    @torch.inference_mode()
+    def rewarm(self, slots: torch.Tensor, chunk: int = 8192) -> int:
+        """Replay the buffered window of each of ``slots`` (int64, on the store's device)
+        through the serving model from zeros, ``chunk`` keys at a time, and store the h and c
+        it ends with; slots with an empty window are left as they are. Returns how many were
+        re-warmed. Used by model swaps and by restoring state of another model version."""
+        store = self.store
+        live = slots[store.win_len[slots] > 0]
         for start in range(0, live.numel(), chunk):
-            slots = live[start:start + chunk]
-            x, lengths = store.window_sequences(slots)
-            h0, c0 = self.model.zero_state(slots.numel())
+            part = live[start:start + chunk]
+            x, lengths = store.window_sequences(part)
+            h0, c0 = self.model.zero_state(part.numel())
             _, h, c = self.model.forward_padded(x, lengths.cpu(), h0, c0)
-            store.h[:, slots] = h
-            store.c[:, slots] = c
+            store.h[:, part] = h
+            store.c[:, part] = c
         return int(live.numel())
 
 

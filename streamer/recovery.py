@@ -294,18 +294,12 @@ class StateRecovery:
         """State written by another model version: per the swap policy, replay the key's
         window through the serving model from zeros (rewarm, and keep when shapes differ),
         start h and c from zeros (reset), or keep it (keep)."""
-        store, model = self.store, self.engine.model
+        store = self.store
         if self.swap_policy == "keep":
             return 0
         store.h[:, slots] = 0.0
         store.c[:, slots] = 0.0
         if self.swap_policy == "reset":
             return 0
-        live = slots[store.win_len[slots] > 0]
-        if live.numel():
-            x, lengths = store.window_sequences(live)
-            h0, c0 = model.zero_state(live.numel())
-            _, h, c = model.forward_padded(x, lengths.cpu(), h0, c0)
-            store.h[:, live] = h
-            store.c[:, live] = c
+        self.engine.rewarm(slots)  # the model swap's re-warm (Engine.rewarm)
         return int(slots.numel())
