@@ -84,7 +84,8 @@ def scale_out_with_crashes(
             raise AssertionError("A never predicted")
         feeder = threading.Thread(target=feed, args=(quarter, 3 * quarter), daemon=True)
         feeder.start()
-        procs["B"] = _process(topics, artifact_dir, group, changelog, client=client)  # joins mid-stream
+        # B joins mid-stream
+        procs["B"] = _process(topics, artifact_dir, group, changelog, client=client)
         time.sleep(4)
         procs["A"].kill()  # SIGKILL: no drain, no checkpoint
         logs["A"] = procs["A"].communicate(timeout=30)[0]
@@ -159,7 +160,8 @@ def exactly_once_sigkill(
     logs: dict[str, str] = {}
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
-        procs["A"] = _process(topics, artifact_dir, group, True, "exactly_once", "0.2", "r0", client)
+        procs["A"] = _process(topics, artifact_dir, group, True, "exactly_once", "0.2", "r0",
+                              client)
         if not read_topic(topics.bootstrap, topics.output, expect=200, timeout_s=60,
                           settle_s=0):
             raise AssertionError("A never predicted")
@@ -167,7 +169,8 @@ def exactly_once_sigkill(
         time.sleep(1)
         procs["A"].kill()
         logs["A"] = procs["A"].communicate(timeout=30)[0]
-        procs["B"] = _process(topics, artifact_dir, group, True, "exactly_once", "0.2", "r0", client)
+        procs["B"] = _process(topics, artifact_dir, group, True, "exactly_once", "0.2", "r0",
+                              client)
         coords.extend(produce(topics.bootstrap, topics.input, records[3 * n // 4:]))
         outputs = _read_committed(topics.bootstrap, topics.output, set(coords), timeout_s=90)
         procs["B"].send_signal(signal.SIGTERM)
