@@ -222,6 +222,21 @@ class ConfluentChangelogMixin:
         except KafkaException as exc:
             raise _error(f"seek {self.topic}[{partition}] to {offset}", exc) from exc
 
+    def _abort_after_loss(self) -> None:
+        """Exactly-once, partitions lost without a revocation: the open transaction holds
+        outputs of partitions that now belong to another member, so it is aborted, and the
+        assignment is announced again so that every remaining partition whose state moved past
+        its last checkpoint is restored and replayed (``on_assign`` restores what is not
+        clean; its seeks drop records of those partitions from the batch being filled)."""
+        if not (self.transactional and self._in_txn):
+            return
+        self.abort()
+        self._assigning = set()
+        try:
+            self.on_assign(set(self._owned))  # type: ignore[attr-defined]
+        finally:
+            self._assigning = None
+
     def _start_offsets(self, partitions: list[TopicPartition]) -> None:
         """Give partitions being assigned the offsets sought for them meanwhile."""
         for tp in partitions:

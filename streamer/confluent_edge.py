@@ -240,7 +240,9 @@ class ConfluentEdge(ConfluentChangelogMixin):
         self.generation += 1
         revoked = {tp.partition for tp in partitions}
         try:
-            self.on_revoking(revoked)  # e.g. checkpoint the state they own
+            # e.g. checkpoint the state they own; exactly-once: every owned partition, since
+            # the transaction this commits holds the outputs of the retained ones too
+            self.on_revoking(set(self._owned) if self.transactional else revoked)
             self._commit_now()
         finally:
             self._release(consumer, partitions, revoked)
@@ -252,6 +254,7 @@ class ConfluentEdge(ConfluentChangelogMixin):
         for tp in partitions:
             self._uncommitted.pop(tp.partition, None)
         self._release(consumer, partitions, {tp.partition for tp in partitions})
+        self._abort_after_loss()
 
     def _release(self, consumer: Consumer, partitions: list[TopicPartition],
                  revoked: set[int]) -> None:

@@ -114,13 +114,13 @@ class Service:
         released = self.store.release_partitions(partitions)
         if self.recovery is not None:
             self.recovery.forget(partitions)
+            self._restore_needed -= partitions  # restored if assigned again
         self.metrics.set_keys_resident(len(self.store))
         log.info("revoked partitions %s: released %d keys", sorted(partitions), released)
 
     @property
     def _state_edge(self) -> StateEdge:
-        """The edge as durable state uses it: the kafka-python edge (the settings refuse a
-        changelog with another client until it implements StateEdge too)."""
+        """The edge as durable state uses it (both clients' edges implement StateEdge)."""
         assert self.edge is not None
         return cast("StateEdge", self.edge)
 
@@ -164,6 +164,10 @@ class Service:
         except (KafkaEdgeError, KafkaUnavailable) as exc:
             log.error("checkpoint of revoked partitions %s failed: %s; their next owner "
                       "replays from the previous checkpoint", sorted(partitions), exc)
+            if self.settings.processing_guarantee == "exactly_once":
+                # The transaction was aborted: partitions this member keeps go back to theirs
+                # (those released next are dropped from the set by _on_revoke).
+                self._restore_needed |= self._assigned
 
     def _checkpoint(self, partitions: set[int]) -> None:
         assert self.recovery is not None and self.edge is not None
