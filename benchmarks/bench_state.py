@@ -2,8 +2,10 @@
 the cost of checkpointing.
 
 1. scale-out/crash: three ``streamer run`` processes on the embedded broker (one joins
-   mid-stream, one SIGKILLed, one SIGTERMed), with and without the changelog: events, missing,
-   duplicates, predictions differing from an uninterrupted run (tests/e2e/state_scenarios.py).
+   mid-stream, one SIGKILLed, one SIGTERMed), with the changelog (at-least-once and
+   exactly-once) and without: events, missing, duplicates, predictions differing from an
+   uninterrupted run (tests/e2e/state_scenarios.py). Exactly-once duplicates here are aborted
+   records, which the embedded broker hands to every reader.
 2. restore of --keys keys (default 100,000): decode + apply from changelog records held in
    memory (the embedded broker keeps only 5 MiB per partition, too little for 100,000 keys),
    and end to end through the embedded broker for as many keys as fit there.
@@ -183,11 +185,14 @@ def main() -> None:
     for client in clients if not ns.skip_scaleout else []:
         print(f"scale-out/crash run, {client} (3 processes: join, SIGKILL, SIGTERM; 4000 "
               "events, 100 keys)")
-        for changelog in (True, False):
+        for changelog, guarantee in ((True, "at_least_once"), (True, "exactly_once"),
+                                     (False, "at_least_once")):
             with EmbeddedBroker() as broker:
                 r = scale_out_with_crashes(broker, model_dir, changelog=changelog, check=False,
-                                           client=client)
-            print(f"  changelog {'on ' if changelog else 'off'}: events {r['events']}, "
+                                           client=client, guarantee=guarantee)
+            label = "on, exactly-once" if guarantee == "exactly_once" else (
+                "on " if changelog else "off")
+            print(f"  changelog {label}: events {r['events']}, "
                   f"missing {r['missing']}, duplicates {r['duplicates']}, differing from "
                   f"uninterrupted {r['differing']} ({100 * r['differing'] / r['events']:.1f}%)",
                   flush=True)

@@ -53,11 +53,13 @@ def _process(topics: Topics, artifact_dir: Path, group: str,
 def scale_out_with_crashes(
     broker: EmbeddedBroker, artifact_dir: Path, n: int = 4000, n_keys: int = 100,
     changelog: bool = True, check: bool = True, client: str = "kafka-python",
+    guarantee: str = "at_least_once",
 ) -> dict[str, int]:
     """Run the scenario; returns events, missing, duplicates, differing (the goal: 0, any,
     0 duplicates with other values, 0). ``changelog=False`` shows what is lost without it;
     ``check`` raises (with the processes' logs) when anything is missing or differs;
-    ``client`` is the processes' ``kafka_client``."""
+    ``client`` is the processes' ``kafka_client``, ``guarantee`` their processing guarantee
+    (predictions are read read_uncommitted: aborted ones count as duplicates)."""
     name = f"ev-{uuid.uuid4().hex[:8]}"
     topics = Topics(broker.bootstrap_servers, name, f"{name}.out", f"{name}.dlq")
     group = f"g-{name}"
@@ -79,17 +81,17 @@ def scale_out_with_crashes(
         fed.set()
 
     try:
-        procs["A"] = _process(topics, artifact_dir, group, changelog, client=client)
+        procs["A"] = _process(topics, artifact_dir, group, changelog, guarantee, client=client)
         if not read_topic(topics.bootstrap, topics.output, expect=1, timeout_s=60, settle_s=0):
             raise AssertionError("A never predicted")
         feeder = threading.Thread(target=feed, args=(quarter, 3 * quarter), daemon=True)
         feeder.start()
         # B joins mid-stream
-        procs["B"] = _process(topics, artifact_dir, group, changelog, client=client)
+        procs["B"] = _process(topics, artifact_dir, group, changelog, guarantee, client=client)
         time.sleep(4)
         procs["A"].kill()  # SIGKILL: no drain, no checkpoint
         logs["A"] = procs["A"].communicate(timeout=30)[0]
-        procs["C"] = _process(topics, artifact_dir, group, changelog, client=client)
+        procs["C"] = _process(topics, artifact_dir, group, changelog, guarantee, client=client)
         time.sleep(4)
         procs["B"].send_signal(signal.SIGTERM)
         logs["B"] = procs["B"].communicate(timeout=60)[0]
