@@ -26,6 +26,17 @@ def test_scale_out_sigkill_sigterm_keep_every_prediction_exact(
     assert result["restores"] >= 3  # B on joining, C on joining, C again when B left
 
 
+def test_exactly_once_scale_out_on_cooperative_rebalancing_keeps_every_prediction_exact(
+    broker: EmbeddedBroker, artifact_dir: Path
+) -> None:
+    """confluent rebalances incrementally: a revocation checkpoints every owned partition (the
+    transaction it commits holds the retained ones' outputs too). Duplicates are not counted:
+    the embedded broker shows aborted transactions to every reader."""
+    result = scale_out_with_crashes(broker, artifact_dir, n=3000, n_keys=80,
+                                    client="confluent", guarantee="exactly_once")
+    assert (result["events"], result["missing"], result["differing"]) == (3000, 0, 0)
+    assert result["restores"] >= 3
+
 
 def test_exactly_once_read_committed_sees_each_offset_once_across_sigkill(
     kafka_cluster: KafkaCluster, artifact_dir: Path, kafka_client: str
