@@ -18,6 +18,8 @@ bounded. What differs is how librdkafka works:
   revocation and on close;
 - keys go to the same partitions as with kafka-python (``partitioner=murmur2_random``, the Java
   default), and the producer is idempotent, which keeps a key's outputs in order across retries.
+- durable state and exactly-once (changelog writes, restore reads, seeks, transactions) are in
+  :mod:`streamer.confluent_changelog`.
 
 Usage::
 

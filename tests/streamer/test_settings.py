@@ -299,3 +299,7 @@ def test_exactly_once_needs_the_changelog_and_read_committed() -> None:
     ok = load_settings(StreamerSettings, {"processing_guarantee": "exactly_once",
                                           "changelog": True, "group_id": "g"}, None)
     assert ok.state_topic == "g-state"
+    both = load_settings(StreamerSettings, {"processing_guarantee": "exactly_once",
+                                            "changelog": True, "kafka_client": "confluent"},
+                         None)  # durable state and exactly-once run on either client
+    assert both.kafka_client == "confluent" and both.changelog
