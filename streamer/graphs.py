@@ -146,6 +146,7 @@ class GraphStep:
         self.max_waves = max_waves
         self.buckets: dict[int, _Bucket] = {}
         self.captures = 0  # graphs recorded so far (re-captures after a swap included)
+        self.batches = 0  # batches this step served (the rest went to the eager step)
         self._identity: list[tuple[object, int]] = []  # holds them: no address is reused
         self._failed = False
 
@@ -197,6 +198,7 @@ class GraphStep:
                 out_pad[lo:hi, k] = b.out["pred"][: hi - lo]
                 key_ok[lo:hi] &= b.out["ok"][: hi - lo]
         out = out_pad.view(u * width, -1)[pos]
+        self.batches += 1
         if bool(key_ok.all()):  # the one host sync, outside every graph
             return out
         if saved is not None:
