@@ -208,18 +208,22 @@ class GraphStep:
     def _prepare(self, engine: Engine, needed: set[int], capture: bool) -> bool:
         """Buckets in ``needed`` exist (and are captured when ``capture``); graphs recorded
         against another model or other store tensors are dropped first. False: capture failed."""
+        engine.store.scratch_slot()  # grows the state tensors once: before their addresses
         identity = _identity(engine)
         if len(identity) != len(self._identity) or any(
-            a is not b or pa != pb for (a, pa), (b, pb) in zip(identity, self._identity, strict=False)
+            a is not b or pa != pb
+            for (a, pa), (b, pb) in zip(identity, self._identity, strict=False)
         ):
             self.buckets.clear()  # weights or state moved: every graph's addresses are stale
             self._identity = identity
         for size in sorted(needed - self.buckets.keys()):
             bucket = _Bucket(size, engine.store)
             if capture:
+                def step(b: _Bucket = bucket) -> Outputs:
+                    return wave_step(engine.model, engine.spec, engine.store, b.slot, b.raw, b.ts)
+
                 try:
-                    _capture(bucket, lambda b=bucket: wave_step(
-                        engine.model, engine.spec, engine.store, b.slot, b.raw, b.ts))
+                    _capture(bucket, step)
                 except Exception as exc:  # noqa: BLE001 - any capture error: eager from now on
                     log.warning("CUDA graph capture failed (%s: %s); the eager step serves "
                                 "from now on", type(exc).__name__, exc)

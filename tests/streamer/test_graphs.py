@@ -208,9 +208,11 @@ def test_graphs_follow_a_hot_swap_and_a_reshaped_store() -> None:
         b = eager.process(keys[lo:hi], [0] * (hi - lo), raw[lo:hi], ts[lo:hi], 0.0)[0]
         assert_close(a, b, atol=1e-5, rtol=1e-5)
 
-    feed(0, 100)
+    feed(0, 50)
     first = dict(step.buckets)
-    assert first and step.batches == 1
+    feed(50, 100)  # no swap: the buckets (graphs on CUDA) of the first batch are reused
+    assert first and step.batches == 2 and all(step.buckets[s] is first[s] for s in first)
+    first = dict(step.buckets)
     for new, lo in ((make_model(seed=8), 100), (make_model(seed=9, hidden=24, layers=3), 200)):
         for engine in (eager, bucketed):
             engine.swap_model(new, "rewarm")
@@ -267,6 +269,7 @@ def test_cuda_graph_replay_equals_eager_at_every_bucket() -> None:
     assert set(step.buckets) == set(bucket_sizes(512))
     assert all(b.graph is not None for b in step.buckets.values())
     captured = step.captures
+    assert captured == len(bucket_sizes(512))  # each bucket once, then replayed
     for seed, hidden, layers in ((12, 16, 2), (13, 32, 3)):
         new = make_model(device=cuda, seed=seed, hidden=hidden, layers=layers)
         twin = make_model(device="cpu", seed=seed, hidden=hidden, layers=layers)
