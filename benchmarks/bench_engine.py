@@ -74,9 +74,6 @@ def gpu_vs_cpu(keys: int, window: int, device: torch.device, graphs: bool = Fals
         a, _ = gpu.process(*batch, 0.0)
         b, _ = cpu.process(*batch, 0.0)
         worst = max(worst, float(np.abs(a - b).max()))
-    if worst > 1e-5:
-        raise SystemExit(f"GPU results ({'graphs' if graphs else 'eager'}) differ from CPU "
-                         f"results by {worst:.2e} > 1e-5")
     if graphs and (gpu.bucketed is None or gpu.bucketed.batches != 20
                    or (device.type == "cuda" and gpu.bucketed.captures == 0)):
         raise SystemExit("the graphs run did not go through captured CUDA graphs")
@@ -123,11 +120,19 @@ def main() -> None:
         print(f"goal at batch 4,096 ({mode}): >= 5,000,000 key-steps/s: "
               f"{'met' if rate >= 5e6 else 'missed'} ({rate:,.0f}); step p99 <= 1 ms: "
               f"{'met' if p99 <= 1e-3 else 'missed'} ({p99 * 1e3:.3f} ms)")
-    if device.type == "cuda":
-        for mode in modes:
-            worst = gpu_vs_cpu(args.keys, args.window, device, graphs=mode != "eager")
-            print(f"GPU ({mode}) vs CPU, 20 steps of 4,096 events: max |difference| "
-                  f"{worst:.2e} (must be <= 1e-5)")
+    for mode, eng in modes.items():
+        if eng.bucketed is not None:
+            print(f"{mode}: {eng.bucketed.batches} of the timed batches by waves, "
+                  f"{eng.bucketed.captures} CUDA graphs captured (buckets "
+                  f"{sorted(eng.bucketed.buckets)})")
+    if device.type == "cuda" or graphs:  # on the CPU: the bucketed step against the eager one
+        worst = {mode: gpu_vs_cpu(args.keys, args.window, device, mode != "eager")
+                 for mode in modes if device.type == "cuda" or mode != "eager"}
+        for mode, diff in worst.items():  # every mode measured before judging any
+            print(f"{device.type} ({mode}) vs CPU eager, 20 steps of 4,096 events: "
+                  f"max |difference| {diff:.2e} (must be <= 1e-5)")
+        if max(worst.values()) > 1e-5:
+            raise SystemExit("GPU results differ from CPU results by more than 1e-5")
     # Fill every key's window, then time a re-warming swap over all live keys.
     for _ in range(0, args.keys * args.window, 8192):
         engine.process(*batch_of(rng, names, 8192), 0.0)

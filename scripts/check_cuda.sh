@@ -6,9 +6,11 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 "$PY" -c "import torch, sys; ok = torch.cuda.is_available(); print('cuda:', ok, torch.__version__, torch.cuda.get_device_name(0) if ok else ''); sys.exit(0 if ok else 1)"
-# Step == full forward, padded == per-row, engine == per-event reference, re-warm == replay.
-STREAMER_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/streamer/test_model.py tests/streamer/test_engine.py
-# Step p50/p99 and key-steps/s at batch 1..8192; exits non-zero when GPU and CPU differ > 1e-5.
+# Step == full forward, padded == per-row, engine == per-event reference, re-warm == replay;
+# CUDA graphs (streamer/graphs.py) == eager step == reference at every bucket, after hot swaps.
+STREAMER_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/streamer/test_model.py tests/streamer/test_engine.py tests/streamer/test_graphs.py
+# Step p50/p99 and key-steps/s at batch 1..8192, eager and CUDA graphs side by side, with the
+# goals at batch 4,096; exits non-zero when GPU (eager or graphs) and CPU differ > 1e-5.
 "$PY" benchmarks/bench_engine.py --device cuda --keys 10000
 STREAMER_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/streamer/test_copies.py
 # The whole service on the GPU against the relay (confluent client, one run).
