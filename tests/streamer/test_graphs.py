@@ -7,16 +7,22 @@ graphs, and the CUDA-marked tests check every bucket's replay against the eager 
 
 from __future__ import annotations
 
+import argparse
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from torch.testing import assert_close
 
+from streamer.artifact import save_artifact
 from streamer.engine import Engine
 from streamer.features import default_spec
 from streamer.graphs import GraphStep, bucket_sizes, wave_step
+from streamer.service import Service
+from streamer.settings import StreamerSettings, add_settings_arguments, settings_from_args
 from streamer.state import StateStore
 
 from ..reference import reference_predictions
@@ -239,6 +245,25 @@ def test_a_failed_capture_falls_back_to_the_eager_step(caplog: pytest.LogCapture
     assert [r.getMessage() for r in caplog.records if "capture failed" in r.getMessage()] \
         and len(caplog.records) == 1
     assert engine.bucketed.captures == 0 and not engine.bucketed.buckets
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_the_cuda_graphs_setting_hooks_the_step_on_cuda_only(tmp_path: Path, flag: bool) -> None:
+    """``cuda_graphs`` (flag and default) reaches the service's engine on a CUDA device and is
+    ignored on the CPU."""
+    save_artifact(tmp_path / "m", make_model(device="cpu", seed=1), version="v1")
+    args = ["--model", str(tmp_path / "m"), "--device", TEST_DEVICE.type,
+            "--metrics-address", "127.0.0.1:0"] + (["--cuda-graphs"] if flag else [])
+    parser = argparse.ArgumentParser(prog="streamer")
+    add_settings_arguments(parser, StreamerSettings)
+    settings = settings_from_args(StreamerSettings, parser.parse_args(args))
+    assert settings.cuda_graphs is flag
+    service = Service.from_settings(settings, CollectorRegistry())
+    step = service.engine.bucketed
+    if flag and TEST_DEVICE.type == "cuda":
+        assert step is not None and step.sizes[-1] == settings.max_batch_events
+    else:
+        assert step is None
 
 
 # --- CUDA only (scripts/check_cuda.sh) ------------------------------------------------------
