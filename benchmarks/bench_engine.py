@@ -147,12 +147,14 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         batch = batch_of(rng, names, 2048)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            engine.process(*batch, 0.0)
-            sync(device)
-        copies = [e.name for e in prof.events() if "Memcpy" in e.name]
-        print(f"memcpy events in one process() call: {len(copies)} "
-              f"(HtoD {sum('HtoD' in c for c in copies)}, DtoH {sum('DtoH' in c for c in copies)})")
+        for mode, eng in modes.items():
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                eng.process(*batch, 0.0)
+                sync(device)
+            copies = [e.name for e in prof.events() if "Memcpy" in e.name]
+            print(f"memcpy events in one process() call ({mode}): {len(copies)} "
+                  f"(HtoD {sum('HtoD' in c for c in copies)}, "
+                  f"DtoH {sum('DtoH' in c for c in copies)})")
 
 
 if __name__ == "__main__":
