@@ -150,6 +150,14 @@ class GraphStep:
         self._identity: list[tuple[object, int]] = []  # holds them: no address is reused
         self._failed = False
 
+    @torch.inference_mode()
+    def warm(self, engine: Engine) -> bool:
+        """Build (on CUDA: capture) every bucket now, so the first batches do not pay for it
+        (the service calls this at start; after a hot swap they are re-captured lazily).
+        False when capture failed and the eager step serves."""
+        capture = engine.store.device.type == "cuda" if self.capture is None else self.capture
+        return not self._failed and self._prepare(engine, set(self.sizes), capture)
+
     def bucket_of(self, m: int) -> int:
         """The bucket a wave of m >= 1 rows runs in (the largest one for a chunk of a larger
         wave)."""

@@ -67,6 +67,7 @@ class Service:
         self.engine = Engine(model, self.store)
         if settings.cuda_graphs and device.type == "cuda":
             self.engine.bucketed = GraphStep(settings.max_batch_events)
+            self.engine.bucketed.warm(self.engine)  # capture now, not on the first batches
         self.watcher = watcher
         self.metrics = Metrics(registry)
         self.health = HealthState()

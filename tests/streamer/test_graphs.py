@@ -239,6 +239,7 @@ def test_a_failed_capture_falls_back_to_the_eager_step(caplog: pytest.LogCapture
     engine.bucketed = GraphStep(64, capture=True)
     keys, raw, ts = _stream(np.random.default_rng(2), 60, 10)
     with caplog.at_level(logging.WARNING, logger="streamer.graphs"):
+        assert not engine.bucketed.warm(engine)
         for lo in (0, 30):
             a = engine.process(keys[lo:lo + 30], [0] * 30, raw[lo:lo + 30], ts[lo:lo + 30], 0.0)
             b = eager.process(keys[lo:lo + 30], [0] * 30, raw[lo:lo + 30], ts[lo:lo + 30], 0.0)
@@ -263,6 +264,7 @@ def test_the_cuda_graphs_setting_hooks_the_step_on_cuda_only(tmp_path: Path, fla
     step = service.engine.bucketed
     if flag and TEST_DEVICE.type == "cuda":
         assert step is not None and step.sizes[-1] == settings.max_batch_events
+        assert step.captures == len(step.sizes)  # every bucket captured at start
     else:
         assert step is None
 
@@ -283,6 +285,9 @@ def test_cuda_graph_replay_equals_eager_at_every_bucket() -> None:
                  StateStore.for_model(model, 2048, window=4, device="cpu"))
     step = graphs.bucketed
     assert step is not None
+    assert step.warm(graphs) and step.captures == len(bucket_sizes(512))
+    for s in STATE:  # the warm-up runs before capture wrote only the scratch slot
+        assert not _rows(graphs.store, s).any(), s
 
     def check(n: int) -> None:
         keys, raw, ts = _stream(rng, n, 1500)
@@ -295,7 +300,7 @@ def test_cuda_graph_replay_equals_eager_at_every_bucket() -> None:
     assert set(step.buckets) == set(bucket_sizes(512))
     assert all(b.graph is not None for b in step.buckets.values())
     captured = step.captures
-    assert captured == len(bucket_sizes(512))  # each bucket once, then replayed
+    assert captured == len(bucket_sizes(512))  # each bucket once (at warm), then replayed
     for seed, hidden, layers in ((12, 16, 2), (13, 32, 3)):
         new = make_model(device=cuda, seed=seed, hidden=hidden, layers=layers)
         twin = make_model(device="cpu", seed=seed, hidden=hidden, layers=layers)
