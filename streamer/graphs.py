@@ -169,11 +169,11 @@ class GraphStep:
     def run(self, engine: Engine, buf: Sequence[torch.Tensor], plan: _Plan) -> torch.Tensor | None:
         """The engine's ``_run`` by waves: predictions [N, out] in input order, or None to leave
         the batch to the eager step (too many waves, or graphs failed to capture)."""
-        if self._failed or plan.width > self.max_waves:
+        lengths = plan.lengths  # [U] longest row first, so wave k is a prefix of the rows
+        if self._failed or plan.width > self.max_waves or np.any(lengths[1:] > lengths[:-1]):
             return None
         store, model = engine.store, engine.model
         capture = store.device.type == "cuda" if self.capture is None else self.capture
-        lengths = plan.lengths
         waves = np.searchsorted(-lengths, -np.arange(plan.width), side="left")  # rows per wave
         chunk = self.sizes[-1]
         needed = {self.bucket_of(min(int(m) - lo, chunk))
