@@ -109,6 +109,23 @@ def test_bucketed_step_equals_eager_step_and_reference(name: str, batch: int) ->
                      rtol=1e-5, equal_nan=True, msg=state)
 
 
+def test_a_wave_larger_than_the_largest_bucket_runs_in_chunks() -> None:
+    """150 distinct keys, some twice, with buckets up to 64: wave 0 runs as 64 + 64 + 22 rows,
+    wave 1 as 30; equal to the eager step and the reference."""
+    model = make_model(seed=12)
+    eager, bucketed = _engines(model, capacity=200, max_batch=64)
+    rng = np.random.default_rng(12)
+    keys = [f"k{i}" for i in range(150)] + [f"k{i}" for i in rng.choice(150, 30, replace=False)]
+    raw, ts = rng.normal(size=(180, 4)), np.arange(180.0)
+    got = bucketed.process(keys, [0] * 180, raw, ts, 0.0)[0]
+    assert bucketed.bucketed is not None and bucketed.bucketed.batches == 1
+    assert set(bucketed.bucketed.buckets) == {32, 64}
+    assert_close(got, eager.process(keys, [0] * 180, raw, ts, 0.0)[0], atol=1e-5, rtol=1e-5)
+    assert_close(got, reference_predictions(model, keys, raw, ts), atol=1e-5, rtol=1e-5)
+    for s in STATE:
+        assert_close(_rows(bucketed.store, s), _rows(eager.store, s), atol=1e-5, rtol=1e-5)
+
+
 def test_classification_bucketed_equals_eager() -> None:
     model = make_model(task="classification", seed=3)
     eager, bucketed = _engines(model)
