@@ -81,16 +81,21 @@ class StateStore:
         """Re-allocate h and c as [layers, capacity, hidden] zeros (a model of another depth or
         width); everything else a key keeps (features memory, statistics, window) stays."""
         rows = self.h.shape[1]  # capacity, plus the scratch slot once there is one
-        self.h = torch.zeros(layers, rows, hidden, device=self.device)
-        self.c = torch.zeros(layers, rows, hidden, device=self.device)
+        with torch.inference_mode(False):  # normal tensors: a restore writes them outside it
+            self.h = torch.zeros(layers, rows, hidden, device=self.device)
+            self.c = torch.zeros(layers, rows, hidden, device=self.device)
 
     def scratch_slot(self) -> int:
         """Index of a row past ``capacity`` that no key ever owns (every state tensor grows by
         one zero row on the first call): padding rows of a bucketed step read and write it
         (``streamer.graphs``), so they never touch a key's state. Returns ``capacity``."""
-        if self.prev_ts.shape[0] == self.capacity:
-            for name in ("prev_raw", "prev_ts", "has_prev", "stats", "count", "win", "win_next",
-                         "win_len"):
+        if self.prev_ts.shape[0] > self.capacity:
+            return self.capacity
+        # Normal tensors even when called in inference mode (the engine's step): a changelog
+        # restore writes them outside it, which an inference tensor would refuse.
+        with torch.inference_mode(False):
+            for name in ("prev_raw", "prev_ts", "has_prev", "stats", "count", "win",
+                         "win_next", "win_len"):
                 tensor = getattr(self, name)
                 setattr(self, name, torch.cat([tensor, tensor.new_zeros(1, *tensor.shape[1:])]))
             self.h = torch.cat([self.h, self.h.new_zeros(self.h.shape[0], 1, self.h.shape[2])], 1)

@@ -244,6 +244,16 @@ def test_graphs_follow_a_hot_swap_and_a_reshaped_store() -> None:
         assert step.buckets and all(step.buckets[s] is not first.get(s) for s in step.buckets)
         first = dict(step.buckets)
     assert bucketed.store.h.shape == (3, 129, 24)  # the scratch slot survives the reshape
+    # The grown and the reshaped tensors are normal tensors: a changelog restore writes them
+    # outside inference mode (an inference tensor would refuse the in-place write).
+    slots = torch.tensor([0, 1], device=bucketed.store.device)
+    for s in STATE:
+        t = getattr(bucketed.store, s)
+        assert not t.is_inference(), s
+        if s in ("h", "c"):
+            t[:, slots] = 0
+        else:
+            t[slots] = 0
 
 
 def test_a_failed_capture_falls_back_to_the_eager_step(caplog: pytest.LogCaptureFixture) -> None:
