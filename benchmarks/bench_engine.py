@@ -6,7 +6,8 @@
 Prints step p50/p99 and key-steps/s at batch 1..8192 (medians over repeated runs otherwise),
 for the eager step and, with ``--graphs`` (the default on CUDA), for the bucketed step of
 ``streamer/graphs.py`` (CUDA graphs on a GPU, the padded eager function on the CPU), side by
-side, with the issue's GPU goals at batch 4,096 (>= 5M key-steps/s, p99 <= 1 ms). On CUDA it
+side, with the issue's GPU goals at batch 4,096 (>= 5M key-steps/s, p99 <= 1 ms), and on CUDA
+each bucket's graph replay alone (device time of one wave, without host bookkeeping). On CUDA it
 also checks GPU predictions (eager and graphs) against CPU predictions (1e-5) and exits
 non-zero when they differ, and counts host<->device copies in one ``Engine.process`` call
 with the profiler (the design keeps it to one in, one out).
@@ -80,6 +81,18 @@ def gpu_vs_cpu(keys: int, window: int, device: torch.device, graphs: bool = Fals
     return worst
 
 
+def replay_alone(step: GraphStep, device: torch.device) -> None:
+    """Device time of one wave alone per captured bucket (graph replay, no host bookkeeping):
+    the floor the whole step approaches. Replays advance the keys last in each bucket."""
+    for size, bucket in sorted(step.buckets.items()):
+        graph = bucket.graph
+        if graph is None:
+            continue
+        p50 = float(np.median(step_times(graph.replay, device, 50)))
+        print(f"  replay alone, bucket {size:>5}: {p50 * 1e6:8.1f} us  "
+              f"{size / p50:>14,.0f} key-steps/s (one wave, device only)")
+
+
 def batch_of(rng: np.random.Generator, names: list[str], n: int):  # type: ignore[no-untyped-def]
     keys = [names[i] for i in rng.integers(0, len(names), size=n)]
     return keys, [0] * n, rng.normal(size=(n, F)), np.arange(n, dtype=np.float64)
@@ -125,6 +138,7 @@ def main() -> None:
             print(f"{mode}: {eng.bucketed.batches} of the timed batches by waves, "
                   f"{eng.bucketed.captures} CUDA graphs captured (buckets "
                   f"{sorted(eng.bucketed.buckets)})")
+            replay_alone(eng.bucketed, device)
     if device.type == "cuda" or graphs:  # on the CPU: the bucketed step against the eager one
         worst = {mode: gpu_vs_cpu(args.keys, args.window, device, mode != "eager")
                  for mode in modes if device.type == "cuda" or mode != "eager"}
