@@ -9,8 +9,9 @@ in order are the same arithmetic as stepping event by event (tests prove it agai
 per-event reference and the packed eager step).
 
 A wave of m keys runs in the smallest bucket >= m (powers of two from ``min_bucket`` up to
-``max_batch``; a larger wave runs in chunks). Each bucket has static input buffers (slots, raw
-values, times) and the wave step is a function of those buffers alone, so on CUDA it is captured
+``max_batch``; a larger wave runs in chunks). Each bucket has a static input buffer (slot, time and
+raw values per row: one copy in per wave) and a static result (prediction and ok flag: one copy
+out), and the wave step is a function of those buffers alone, so on CUDA it is captured
 once per bucket with ``torch.cuda.CUDAGraph`` (warm-up on a side stream first, as PyTorch's
 CUDA graphs notes require) and replayed; on the CPU the same function runs eagerly, padding
 included. Padding rows point at the store's scratch slot (:meth:`StateStore.scratch_slot`),
@@ -34,7 +35,7 @@ Usage::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -120,16 +121,25 @@ def lstm_cells(
 
 
 class _Bucket:
-    """Static buffers of one bucket size and, on CUDA, its captured graph."""
+    """Static buffers of one bucket size and, on CUDA, its captured graph. ``inp`` [B, 2 + R]
+    float64 holds each row's slot (exact in float64), time and raw values, so a wave costs one
+    copy in; ``res`` [B, out + 1] each row's prediction and its ok flag, one copy out."""
 
     def __init__(self, size: int, store: StateStore) -> None:
-        dev = store.device
         self.size = size
-        self.slot = torch.full((size,), store.scratch_slot(), dtype=torch.int64, device=dev)
-        self.raw = torch.zeros(size, store.prev_raw.shape[1], dtype=torch.float64, device=dev)
-        self.ts = torch.zeros(size, dtype=torch.float64, device=dev)
+        self.inp = torch.zeros(size, 2 + store.prev_raw.shape[1], dtype=torch.float64,
+                               device=store.device)
+        self.inp[:, 0] = store.scratch_slot()
+        self.real = 0  # rows [real:] point at the scratch slot
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.out: Outputs = {}
+        self.res = torch.empty(0)
+
+    def step(self, engine: Engine) -> torch.Tensor:
+        """The wave step on the static buffers (what a graph captures): res [B, out + 1]."""
+        inp = self.inp
+        out = wave_step(engine.model, engine.spec, engine.store, inp[:, 0].long(), inp[:, 2:],
+                        inp[:, 1])
+        return torch.cat([out["pred"], out["ok"].to(out["pred"].dtype)[:, None]], dim=1)
 
 
 class GraphStep:
@@ -181,31 +191,33 @@ class GraphStep:
         if not self._prepare(engine, needed, capture):
             return None
         n, u, width, r = len(plan.pos), len(plan.rows), plan.width, store.prev_raw.shape[1]
-        raw, ts, pos, slots, _lengths, new, _window_pos = buf
+        raw, ts, pos, slots, row_lengths, new, _window_pos = buf
         raw, pos, slots = raw.view(n, r), pos.long(), slots.long()
         if len(new):
             store.reset(new.long())
         saved = _snapshot(store, slots) if width > 1 else None  # a bad key's state before
-        raw_pad = raw.new_zeros(u * width, r).index_copy_(0, pos, raw).view(u, width, r)
-        ts_pad = ts.new_zeros(u * width).index_copy_(0, pos, ts).view(u, width)
-        out_pad = torch.empty(u, width, model.config.output_size, device=store.device)
-        key_ok = torch.ones(u, dtype=torch.bool, device=store.device)
+        # [U, T, 2 + R]: per row and step its slot, time and raw values (padding: zeros).
+        lay = raw.new_zeros(u, width, 2 + r)
+        lay[:, :, 0] = slots.to(lay.dtype)[:, None]
+        lay.view(u * width, 2 + r)[:, 1:].index_copy_(0, pos, torch.cat([ts[:, None], raw], 1))
+        res = torch.empty(u, width, model.config.output_size + 1, device=store.device)
         scratch = store.scratch_slot()
         for k, m in enumerate(waves):
             for lo in range(0, int(m), chunk):
                 hi = min(int(m), lo + chunk)
                 b = self.buckets[self.bucket_of(hi - lo)]
-                b.slot[: hi - lo].copy_(slots[lo:hi])
-                b.slot[hi - lo:].fill_(scratch)
-                b.raw[: hi - lo].copy_(raw_pad[lo:hi, k])
-                b.ts[: hi - lo].copy_(ts_pad[lo:hi, k])
+                b.inp[: hi - lo].copy_(lay[lo:hi, k])
+                if hi - lo < b.real:  # rows the last wave used, past this one's: padding again
+                    b.inp[hi - lo: b.real, 0] = scratch
+                b.real = hi - lo
                 if b.graph is not None:
                     b.graph.replay()
                 else:
-                    b.out = wave_step(model, engine.spec, store, b.slot, b.raw, b.ts)
-                out_pad[lo:hi, k] = b.out["pred"][: hi - lo]
-                key_ok[lo:hi] &= b.out["ok"][: hi - lo]
-        out = out_pad.view(u * width, -1)[pos]
+                    b.res = b.step(engine)
+                res[lo:hi, k] = b.res[: hi - lo]
+        out = res[:, :, :-1].reshape(u * width, -1)[pos]
+        valid = torch.arange(width, device=store.device)[None, :] < row_lengths.long()[:, None]
+        key_ok = ((res[:, :, -1] > 0) | ~valid).all(1)  # [U]: every step of the row finite
         self.batches += 1
         if bool(key_ok.all()):  # the one host sync, outside every graph
             return out
@@ -227,11 +239,8 @@ class GraphStep:
         for size in sorted(needed - self.buckets.keys()):
             bucket = _Bucket(size, engine.store)
             if capture:
-                def step(b: _Bucket = bucket) -> Outputs:
-                    return wave_step(engine.model, engine.spec, engine.store, b.slot, b.raw, b.ts)
-
                 try:
-                    _capture(bucket, step)
+                    _capture(bucket, engine)
                 except Exception as exc:  # noqa: BLE001 - any capture error: eager from now on
                     log.warning("CUDA graph capture failed (%s: %s); the eager step serves "
                                 "from now on", type(exc).__name__, exc)
@@ -243,19 +252,19 @@ class GraphStep:
         return True
 
 
-def _capture(bucket: _Bucket, fn: Callable[[], Outputs]) -> None:
-    """Warm up on a side stream, then record ``fn`` into the bucket's graph (PyTorch's CUDA
+def _capture(bucket: _Bucket, engine: Engine) -> None:
+    """Warm up on a side stream, then record the bucket's step into its graph (PyTorch's CUDA
     graphs notes: warm-up before capture, side stream, static inputs). The bucket's slots all
     point at the scratch slot, so the warm-up runs touch no key's state; capture runs nothing."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(3):
-            fn()
+            bucket.step(engine)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        bucket.out = fn()
+        bucket.res = bucket.step(engine)
     bucket.graph = graph
 
 
