@@ -21,8 +21,9 @@ Inside a graph: no host sync and no shape that depends on data. The state guard 
 split: inside, a row whose step is not finite keeps its state (``torch.where``); outside, after
 all waves, one host sync (``key_ok.all()``, the eager step has the same one) and, only for a
 batch with such a key, the restore of its state from before the batch and NaN predictions,
-exactly as ``streamer.engine`` does. Graphs capture the addresses of the model's weights and
-the store's tensors; a hot swap or a reshaped store is detected and the graphs are re-captured.
+exactly as ``streamer.engine`` does (a batch of more than one wave gathers that state first).
+Graphs capture the addresses of the model's weights and the store's tensors; a hot swap or a
+reshaped store is detected and the graphs are re-captured.
 
 A batch whose hottest key has more than ``max_waves`` events, or a failed capture (logged
 once, graphs then off), is left to the engine's packed eager step (``run`` returns None).
@@ -30,6 +31,7 @@ once, graphs then off), is left to the engine's packed eager step (``run`` retur
 Usage::
 
     engine.bucketed = GraphStep(max_batch=2048)          # capture on CUDA, eager on the CPU
+    engine.bucketed.warm(engine)                         # capture every bucket now
 """
 
 from __future__ import annotations
