@@ -23,7 +23,7 @@ Usage::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -33,10 +33,15 @@ from streamer.features import FeatureSpec, compute_features, normalize_steps, to
 from streamer.model import LSTMModel
 from streamer.state import StateStore
 
+if TYPE_CHECKING:
+    from streamer.graphs import GraphStep
+
 SwapPolicy = Literal["rewarm", "reset", "keep"]
 
 
 class Engine:
+    bucketed: GraphStep | None = None  # the step by bucketed waves / CUDA graphs (graphs.py)
+
     def __init__(self, model: LSTMModel, store: StateStore) -> None:
         self.model = model.eval()
         self.store = store
@@ -68,6 +73,8 @@ class Engine:
         return self._staging.to_host(y), evicted  # the one copy out
 
     def _run(self, buf: Sequence[torch.Tensor], plan: _Plan) -> torch.Tensor:
+        if self.bucketed is not None and (y := self.bucketed.run(self, buf, plan)) is not None:
+            return y
         store, r = self.store, self.spec.raw_width
         n, u, width = len(plan.pos), len(plan.rows), plan.width
         raw, ts, pos, slots, lengths, new, window_pos = buf

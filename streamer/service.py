@@ -29,6 +29,7 @@ from streamer.encode import encode_predictions
 from streamer.engine import Engine
 from streamer.errors import KafkaEdgeError, KafkaUnavailable
 from streamer.events import DecodedBatch, Message, decode_batch
+from streamer.graphs import GraphStep
 from streamer.hotswap import ModelWatcher, open_model_source
 from streamer.kafka_edge import Record
 from streamer.metrics import HealthState, Metrics, MetricsServer
@@ -64,6 +65,9 @@ class Service:
             model, settings.capacity, settings.window, device, settings.key_ttl_s
         )
         self.engine = Engine(model, self.store)
+        if settings.cuda_graphs and device.type == "cuda":
+            self.engine.bucketed = GraphStep(settings.max_batch_events)
+            self.engine.bucketed.warm(self.engine)  # capture now, not on the first batches
         self.watcher = watcher
         self.metrics = Metrics(registry)
         self.health = HealthState()

@@ -226,6 +226,10 @@ class StreamerSettings(KafkaClientSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where model and key state live; auto picks cuda when present"
     )
+    cuda_graphs: bool = Field(
+        False, description="on CUDA, replay the engine step as CUDA graphs at bucketed batch "
+        "sizes (opt-in; ignored on the CPU)"
+    )
     max_batch_events: int = Field(2048, gt=0, description="most events per engine step")
     max_batch_wait_ms: int = Field(
         5, ge=0, description="longest wait to fill a batch before stepping"

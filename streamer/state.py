@@ -80,8 +80,27 @@ class StateStore:
     def reshape(self, layers: int, hidden: int) -> None:
         """Re-allocate h and c as [layers, capacity, hidden] zeros (a model of another depth or
         width); everything else a key keeps (features memory, statistics, window) stays."""
-        self.h = torch.zeros(layers, self.capacity, hidden, device=self.device)
-        self.c = torch.zeros(layers, self.capacity, hidden, device=self.device)
+        rows = self.h.shape[1]  # capacity, plus the scratch slot once there is one
+        with torch.inference_mode(False):  # normal tensors: a restore writes them outside it
+            self.h = torch.zeros(layers, rows, hidden, device=self.device)
+            self.c = torch.zeros(layers, rows, hidden, device=self.device)
+
+    def scratch_slot(self) -> int:
+        """Index of a row past ``capacity`` that no key ever owns (every state tensor grows by
+        one zero row on the first call): padding rows of a bucketed step read and write it
+        (``streamer.graphs``), so they never touch a key's state. Returns ``capacity``."""
+        if self.prev_ts.shape[0] > self.capacity:
+            return self.capacity
+        # Normal tensors even when called in inference mode (the engine's step): a changelog
+        # restore writes them outside it, which an inference tensor would refuse.
+        with torch.inference_mode(False):
+            for name in ("prev_raw", "prev_ts", "has_prev", "stats", "count", "win",
+                         "win_next", "win_len"):
+                tensor = getattr(self, name)
+                setattr(self, name, torch.cat([tensor, tensor.new_zeros(1, *tensor.shape[1:])]))
+            self.h = torch.cat([self.h, self.h.new_zeros(self.h.shape[0], 1, self.h.shape[2])], 1)
+            self.c = torch.cat([self.c, self.c.new_zeros(self.c.shape[0], 1, self.c.shape[2])], 1)
+        return self.capacity
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -91,10 +110,10 @@ class StateStore:
 
     @property
     def bytes_per_key(self) -> int:
-        """Device bytes one slot costs (all state tensors divided by capacity)."""
+        """Device bytes one slot costs (all state tensors divided by their rows)."""
         tensors = (self.h, self.c, self.prev_raw, self.prev_ts, self.has_prev, self.stats,
                    self.count, self.win, self.win_next, self.win_len)
-        return sum(t.element_size() * t.nelement() for t in tensors) // self.capacity
+        return sum(t.element_size() * t.nelement() for t in tensors) // self.prev_ts.shape[0]
 
     def slot(self, key: str) -> int | None:
         return self._slot_of.get(key)
