@@ -203,19 +203,35 @@ def test_a_service_started_before_its_brokers_waits_for_them(
             str(artifact_dir), "--device", "cpu", "--metrics-address", "127.0.0.1:0",
             "--retry-backoff-max-s", "0.5", "--kafka-client", kafka_client,
         )
+        lines: list[str] = []
+        retrying = threading.Event()
+
+        def read_output() -> None:  # the process's log, line by line, as it comes
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if "cannot reach Kafka yet" in line:
+                    retrying.set()
+
+        reader = threading.Thread(target=read_output, daemon=True)
+        reader.start()
         try:
-            time.sleep(4.0)
+            if kafka_client == "kafka-python":  # the broker stays down until it has retried
+                assert retrying.wait(60), "".join(lines)
+            time.sleep(2.0)
             assert proc.poll() is None, "the streamer gave up before Kafka came up"
             broker.set_broker_up(1)
             produce(broker.bootstrap_servers, name, _records(5))
             out_records = read_topic(broker.bootstrap_servers, f"{name}.out", expect=5,
                                      timeout_s=60, settle_s=0)
             proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
-                proc.communicate()
+                proc.wait()
+            reader.join(timeout=10)
+    out = "".join(lines)
     assert len(out_records) == 5
     assert proc.returncode == 0, out
     if kafka_client == "kafka-python":  # librdkafka waits for brokers inside its own client
