@@ -28,7 +28,8 @@ from streamer.edge import Edge, make_edge
 from streamer.encode import encode_predictions
 from streamer.engine import Engine
 from streamer.errors import KafkaEdgeError, KafkaUnavailable
-from streamer.events import DecodedBatch, Message, decode_batch
+from streamer.batch_decode import decode_batch_fast
+from streamer.events import DecodedBatch, Message
 from streamer.hotswap import ModelWatcher, open_model_source
 from streamer.kafka_edge import Record
 from streamer.metrics import HealthState, Metrics, MetricsServer
@@ -322,7 +323,7 @@ class Service:
         polled, stages = time.time(), self.stages
         st = self.settings
         t = stages.start()
-        decoded = decode_batch(
+        decoded = decode_batch_fast(
             batch, self.engine.spec, polled, st.max_future_s, max_past_s=st.max_past_s,
             min_event_time=st.min_event_time, max_key_bytes=st.max_key_bytes,
         )
