@@ -24,11 +24,11 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from streamer.artifact import Artifact
+from streamer.batch_decode import decode_batch_fast
 from streamer.edge import Edge, make_edge
 from streamer.encode import encode_predictions
 from streamer.engine import Engine
 from streamer.errors import KafkaEdgeError, KafkaUnavailable
-from streamer.batch_decode import decode_batch_fast
 from streamer.events import DecodedBatch, Message
 from streamer.hotswap import ModelWatcher, open_model_source
 from streamer.kafka_edge import Record
