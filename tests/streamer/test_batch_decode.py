@@ -155,7 +155,7 @@ def message(draw: st.DrawFn, kind: str, hostile_share: float, placement: int) ->
             doc.pop(KEY_FIELD[kind], None)
         else:
             doc[KEY_FIELD[kind]] = pk
-    value = json.dumps(doc).encode()
+    value: bytes | None = json.dumps(doc).encode()
     if defect == 4:  # the bytes themselves
         value = _bytes(doc, draw)
     if defect == 5:  # everything at once
@@ -199,7 +199,7 @@ def assert_same(fast: DecodedBatch, ref: DecodedBatch) -> None:
 @given(data=st.data())
 def test_batch_decoder_equals_the_per_message_reference(kind: str, data: st.DataObject) -> None:
     messages = data.draw(batches(kind))
-    kw = data.draw(limits)
+    kw: dict[str, Any] = data.draw(limits)
     spec = SPECS[kind]
     assert_same(decode_batch_fast(messages, spec, NOW, **kw),
                 decode_batch(messages, spec, NOW, **kw))
@@ -209,7 +209,7 @@ def test_batch_decoder_equals_the_per_message_reference(kind: str, data: st.Data
 def test_batch_decoder_equals_the_reference_on_simulated_streams(kind: str) -> None:
     """Realistic batches (the simulators' events, keys in both places), all valid, then with
     one poisoned message in the middle."""
-    sim = make_simulator(kind, 50, seed=3)
+    sim = make_simulator(kind, 50, seed=3)  # type: ignore[arg-type]
     now = time.time()
     events = sim.events(500)
     messages = []
