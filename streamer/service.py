@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -224,6 +225,10 @@ class Service:
             log.info("stopped before Kafka was reachable")
             return
         self.edge = connected
+        # Everything built so far (model, modules, clients) lives as long as the service: move
+        # it out of the cyclic collector's reach, so the full collections that the per-batch
+        # parse objects trigger do not walk it (Python docs, gc.freeze; ~1.5 us/event here).
+        gc.freeze()
         if self.watcher is not None:
             self.watcher.start()
         failure: BaseException | None = None
