@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from itertools import repeat
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -109,6 +110,18 @@ def librdkafka_config(settings: StreamerSettings) -> dict[str, Any]:
     if getattr(settings, "ssl_check_hostname", True) is False:
         conf["ssl.endpoint.identification.algorithm"] = "none"
     return conf
+
+
+def _messages(msgs: list[Any]) -> list[Message]:
+    """librdkafka records (no errors among them) as Messages, a field at a time in C loops
+    (``tuple.__new__(Message, fields)`` is what ``Message._make`` does, without its Python
+    frame)."""
+    if not msgs:
+        return []
+    kind = type(msgs[0])
+    fields = zip(map(kind.key, msgs), map(kind.value, msgs), map(kind.partition, msgs),
+                 map(kind.offset, msgs), strict=True)
+    return list(map(tuple.__new__, repeat(Message), fields))
 
 
 class ConfluentEdge(ConfluentChangelogMixin):
@@ -310,17 +323,14 @@ class ConfluentEdge(ConfluentChangelogMixin):
             self._check_fatal()
             return []
         msgs = [first, *self.consumer.consume(limit - 1, timeout=0)] if limit > 1 else [first]
-        batch: list[Message] = []
-        for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                _raise("poll failed", err)
-            partition, offset = m.partition() or 0, m.offset() or 0
-            self._check_gap(partition, offset)
-            self._next_offset[partition] = offset + 1
-            batch.append(Message(m.key(), m.value(), partition, offset))
+        clean = list(map(type(first).error, msgs)).count(None) == len(msgs)
+        batch = _messages(msgs) if clean else self._messages_and_errors(msgs)
+        nxt = self._next_offset
+        for m in batch:
+            expected = nxt.get(m.partition)
+            if expected is not None and m.offset > expected:
+                self._check_gap(m.partition, m.offset)
+            nxt[m.partition] = m.offset + 1
         if self.generation != generation:
             kept = [m for m in batch if m.partition in self._owned]
             if len(kept) != len(batch):
@@ -329,6 +339,15 @@ class ConfluentEdge(ConfluentChangelogMixin):
                             "longer assigned", len(batch) - len(kept))
             batch = self._drop_sought(kept)
         return batch
+
+    def _messages_and_errors(self, msgs: list[Any]) -> list[Message]:
+        """:func:`_messages` of a batch holding errors: end-of-partition events are skipped,
+        any other error raises."""
+        for m in msgs:
+            err = m.error()
+            if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                _raise("poll failed", err)
+        return _messages([m for m in msgs if m.error() is None])
 
     def _check_gap(self, partition: int, offset: int) -> None:
         expected = self._next_offset.get(partition)

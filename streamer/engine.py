@@ -252,10 +252,9 @@ class _Plan:
 
 
 def _plan(keys: Sequence[str], window: int) -> _Plan:
-    group_of: dict[str, int] = {}
-    groups = np.fromiter(
-        (group_of.setdefault(k, len(group_of)) for k in keys), dtype=np.int64, count=len(keys)
-    )
+    unique = list(dict.fromkeys(keys))  # first-seen order, in C
+    group_of = dict(zip(unique, range(len(unique)), strict=True))
+    groups = np.fromiter(map(group_of.__getitem__, keys), dtype=np.int64, count=len(keys))
     counts = np.bincount(groups)
     order = np.argsort(groups, kind="stable")  # events grouped by key, offset order inside
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -268,5 +267,5 @@ def _plan(keys: Sequence[str], window: int) -> _Plan:
     pos = row_of_group[groups] * width + rank
     first = order[starts]
     window_pos = pos[rank >= counts[groups] - window]
-    return _Plan(list(group_of), first, rows, counts[rows], width, pos.astype(np.float64),
+    return _Plan(unique, first, rows, counts[rows], width, pos.astype(np.float64),
                  window_pos.astype(np.float64))

@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -24,11 +25,12 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from streamer.artifact import Artifact
+from streamer.batch_decode import decode_batch_fast
 from streamer.edge import Edge, make_edge
 from streamer.encode import encode_predictions
 from streamer.engine import Engine
 from streamer.errors import KafkaEdgeError, KafkaUnavailable
-from streamer.events import DecodedBatch, Message, decode_batch
+from streamer.events import DecodedBatch, Message
 from streamer.graphs import GraphStep
 from streamer.hotswap import ModelWatcher, open_model_source
 from streamer.kafka_edge import Record
@@ -231,6 +233,10 @@ class Service:
             log.info("stopped before Kafka was reachable")
             return
         self.edge = connected
+        # Everything built so far (model, modules, clients) lives as long as the service: move
+        # it out of the cyclic collector's reach, so the full collections that the per-batch
+        # parse objects trigger do not walk it (Python docs, gc.freeze; ~1.5 us/event here).
+        gc.freeze()
         if self.watcher is not None:
             self.watcher.start()
         failure: BaseException | None = None
@@ -330,7 +336,7 @@ class Service:
         polled, stages = time.time(), self.stages
         st = self.settings
         t = stages.start()
-        decoded = decode_batch(
+        decoded = decode_batch_fast(
             batch, self.engine.spec, polled, st.max_future_s, max_past_s=st.max_past_s,
             min_event_time=st.min_event_time, max_key_bytes=st.max_key_bytes,
         )

@@ -16,7 +16,7 @@ Usage::
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -136,17 +136,18 @@ class StateStore:
         """
         if len(keys) > self.capacity:
             raise ValueError(f"{len(keys)} distinct keys in one batch exceed capacity")
-        slots = np.empty(len(keys), dtype=np.int64)
+        found = list(map(self._slot_of.get, keys))
         is_new = np.zeros(len(keys), dtype=bool)
         missing: list[int] = []
+        if None in found:
+            missing = [i for i, slot in enumerate(found) if slot is None]
+            slots = np.asarray([-1 if s is None else s for s in found], dtype=np.int64)
+        else:
+            slots = np.asarray(found, dtype=np.int64)
         # Touch known keys first so LRU eviction below cannot pick a key of this batch.
-        for i, key in enumerate(keys):
-            slot = self._slot_of.get(key)
-            if slot is None:
-                missing.append(i)
-            else:
-                self._slot_of.move_to_end(key)
-                slots[i] = slot
+        touch = self._slot_of.move_to_end
+        deque(map(touch, keys if not missing else [k for k, s in zip(keys, found, strict=True)
+                                                   if s is not None]), maxlen=0)
         evicted = 0
         for i in missing:
             if not self._free:
