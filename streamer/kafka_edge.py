@@ -48,6 +48,7 @@ from kafka.structs import OffsetAndMetadata
 
 from streamer.errors import KafkaEdgeError, KafkaUnavailable
 from streamer.events import Message
+from streamer.kafka_append import appender
 from streamer.kafka_changelog import ChangelogMixin
 from streamer.kafka_group import (
     ASSIGNORS,
@@ -129,6 +130,7 @@ class KafkaEdge(ChangelogMixin):
                 self.producer.init_transactions()
         except KafkaError as exc:  # e.g. NoBrokersAvailable: the service retries the start
             raise wrap(f"cannot connect to {settings.bootstrap_servers}", exc) from exc
+        self._append = appender(self.producer)  # kafka-python's send() minus its checks
         self._futures: list[FutureRecordMetadata] = []
         self._sent: list[tuple[Record, object]] = []  # what each future sent, and its origin
         self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
@@ -170,7 +172,9 @@ class KafkaEdge(ChangelogMixin):
             producer = producer or KafkaProducer(
                 bootstrap_servers=settings.bootstrap_servers.split(","),
                 acks="all",
-                linger_ms=1,
+                # Every batch ends with a flush, which sends at once: lingering only keeps the
+                # sender thread from waking (and taking the GIL) while a batch is being sent.
+                linger_ms=100,
                 batch_size=256 * 1024,
                 # One request in flight keeps a key's predictions in order across retries.
                 max_in_flight_requests_per_connection=1,
@@ -346,14 +350,19 @@ class KafkaEdge(ChangelogMixin):
         headers: list[tuple[str, bytes]] | None = None, origin: object = None,
     ) -> None:
         """Buffer one record; ``origin`` (e.g. the input message) is handed to ``on_refused``
-        if the producer or the broker refuses this record."""
+        if the producer or the broker refuses this record. A keyed record goes straight to the
+        producer's accumulator (:mod:`streamer.kafka_append`), others through ``send()``."""
         try:
-            self._begin()
+            if self.transactional:
+                self._begin()
             partition = self._partition(topic, key)
-            self._futures.append(
-                self.producer.send(topic, key=key, value=value, headers=headers,
-                                   partition=partition)
-            )
+            future = None
+            if partition is not None and self._append is not None:
+                future = self._append(topic, partition, key, value, headers)  # type: ignore[arg-type]
+            if future is None:
+                future = self.producer.send(topic, key=key, value=value, headers=headers,
+                                            partition=partition)
+            self._futures.append(future)
             self._sent.append(((topic, key, value, headers), origin))
         except KafkaError as exc:
             raise wrap(f"produce to {topic} failed", exc) from exc
