@@ -218,7 +218,8 @@ class KafkaEdge(ChangelogMixin):
         """
         limit, wait_s = self.settings.max_batch_events, self.settings.max_batch_wait_ms / 1e3
         self._raise_commit_error()
-        self.commit_async()  # e.g. a commit that failed earlier, retried while idle
+        if self.changelog_topic is None:  # with a changelog only checkpoints commit
+            self.commit_async()  # e.g. a commit that failed earlier, retried while idle
         batch: list[Message] = []
         generation = self.generation
         self._sought = {}
