@@ -572,7 +572,8 @@ class KafkaEdge(ChangelogMixin):
         current = self._commit_sent is not None and self._commit_sent[0] == commit_id
         if current:
             self._commit_sent = None
-        error = result() if isinstance(result, type) else result
+        error = (result() if isinstance(result, type) and issubclass(result, BaseException)
+                 else result)
         if not isinstance(error, BaseException):
             for tp, meta in offsets.items():
                 if self._uncommitted.get(tp.partition, -1) <= meta.offset:
@@ -581,8 +582,7 @@ class KafkaEdge(ChangelogMixin):
             return
         # Whether this failure left anything uncommitted (a later synchronous commit may have
         # covered its offsets already); a commit given up on as timed out was reported then.
-        pending = [tp.partition for tp, meta in offsets.items()
-                   if self._uncommitted.get(tp.partition, -1) <= meta.offset]
+        pending = [tp.partition for tp in offsets if tp.partition in self._uncommitted]
         if not current or not pending:
             return
         if isinstance(error, MEMBERSHIP_ERRORS):
