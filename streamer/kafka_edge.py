@@ -100,6 +100,7 @@ class KafkaEdge(ChangelogMixin):
         on_refused: RefusedCallback | None = None,
         on_revoking: PartitionCallback | None = None,
         changelog_topic: str | None = None,
+        on_committed: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.input_topic
@@ -108,6 +109,7 @@ class KafkaEdge(ChangelogMixin):
         self.on_gap = on_gap or (lambda partition, n: None)
         self.on_dropped = on_dropped or (lambda n: None)
         self.on_commit_failed = on_commit_failed or (lambda reason: None)
+        self.on_committed = on_committed  # an asynchronous commit succeeded (inside poll)
         self.stop = stop or threading.Event()
         self.transactional = settings.processing_guarantee == "exactly_once"
         self.beat = beat or (lambda: None)
@@ -389,11 +391,12 @@ class KafkaEdge(ChangelogMixin):
         offsets asynchronously (:meth:`commit_async`).
 
         Returns whether an offset commit succeeded since the previous call (results of
-        asynchronous commits arrive inside ``poll``). A commit rejected because the group moved
-        on drops the offsets it carried (the new owner re-reads them); one that failed
-        otherwise keeps them for the next commit; both are reported through
-        ``on_commit_failed``. Raises KafkaUnavailable, after seeking the batch's partitions
-        back, when the acks do not come within ``flush_timeout_s``.
+        asynchronous commits arrive inside ``poll``); always False when ``on_committed`` is
+        given, which then hears of each success as it arrives, also while idle. A commit
+        rejected because the group moved on drops the offsets it carried (the new owner
+        re-reads them); one that failed otherwise keeps them for the next commit; both are
+        reported through ``on_commit_failed``. Raises KafkaUnavailable, after seeking the
+        batch's partitions back, when the acks do not come within ``flush_timeout_s``.
         """
         try:
             self.flush()
@@ -407,7 +410,7 @@ class KafkaEdge(ChangelogMixin):
         self.commit_async()
         self._raise_commit_error()
         succeeded, self._commits_ok = self._commits_ok > 0, 0
-        return succeeded
+        return succeeded and self.on_committed is None
 
     def _deadline(self, timeout_s: float) -> float:
         """``now + timeout_s``, cut to the drain deadline once stopping."""
@@ -579,6 +582,8 @@ class KafkaEdge(ChangelogMixin):
                 if self._uncommitted.get(tp.partition, -1) <= meta.offset:
                     self._uncommitted.pop(tp.partition, None)
             self._commits_ok += 1
+            if self.on_committed is not None:
+                self.on_committed()
             return
         # Whether this failure left anything uncommitted (a later synchronous commit may have
         # covered its offsets already); a commit given up on as timed out was reported then.
