@@ -11,16 +11,22 @@ timeouts, a commit rejected by a rebalance) raise :class:`KafkaUnavailable`: the
 off and polls again, and unacknowledged work is re-delivered. Anything else (bad credentials,
 an unknown topic, a fenced static member) raises :class:`KafkaEdgeError` and ends the service.
 
+Offsets of a batch are committed asynchronously once its acks are in (one commit in flight at a
+time; its result arrives inside a later ``consumer.poll()``): the coordinator round trip is off
+the loop's critical path. Commits on revocation, of checkpoint markers and on close stay
+synchronous and bounded.
+
 Usage::
 
     edge = KafkaEdge(settings, on_assign=..., on_revoke=...)
     batch = edge.poll()                        # list[Message] (possibly empty)
     edge.send(topic, key, value, headers)      # buffered
-    edge.flush_and_commit(batch)               # wait for acks, then commit
+    edge.flush_and_commit(batch)               # wait for acks, then commit (asynchronously)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -42,6 +48,7 @@ from kafka.structs import OffsetAndMetadata
 
 from streamer.errors import KafkaEdgeError, KafkaUnavailable
 from streamer.events import Message
+from streamer.kafka_append import appender
 from streamer.kafka_changelog import ChangelogMixin
 from streamer.kafka_group import (
     ASSIGNORS,
@@ -93,6 +100,7 @@ class KafkaEdge(ChangelogMixin):
         on_refused: RefusedCallback | None = None,
         on_revoking: PartitionCallback | None = None,
         changelog_topic: str | None = None,
+        on_committed: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.input_topic
@@ -101,6 +109,7 @@ class KafkaEdge(ChangelogMixin):
         self.on_gap = on_gap or (lambda partition, n: None)
         self.on_dropped = on_dropped or (lambda n: None)
         self.on_commit_failed = on_commit_failed or (lambda reason: None)
+        self.on_committed = on_committed  # an asynchronous commit succeeded (inside poll)
         self.stop = stop or threading.Event()
         self.transactional = settings.processing_guarantee == "exactly_once"
         self.beat = beat or (lambda: None)
@@ -123,11 +132,16 @@ class KafkaEdge(ChangelogMixin):
                 self.producer.init_transactions()
         except KafkaError as exc:  # e.g. NoBrokersAvailable: the service retries the start
             raise wrap(f"cannot connect to {settings.bootstrap_servers}", exc) from exc
+        self._append = appender(self.producer)  # kafka-python's send() minus its checks
         self._futures: list[FutureRecordMetadata] = []
         self._sent: list[tuple[Record, object]] = []  # what each future sent, and its origin
         self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
         self._next_offset: dict[int, int] = {}  # partition -> next offset we expect to see
         self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
+        self._commit_sent: tuple[int, float] | None = None  # async commit in flight: id, sent at
+        self._commit_ids = 0
+        self._commits_ok = 0  # async commits that succeeded since flush_and_commit last returned
+        self._commit_error: KafkaEdgeError | None = None  # an async commit failed for good
         self.consumer.subscribe([self.topic], listener=RebalanceListener(self))
 
     @staticmethod
@@ -160,7 +174,9 @@ class KafkaEdge(ChangelogMixin):
             producer = producer or KafkaProducer(
                 bootstrap_servers=settings.bootstrap_servers.split(","),
                 acks="all",
-                linger_ms=1,
+                # Every batch ends with a flush, which sends at once: lingering only keeps the
+                # sender thread from waking (and taking the GIL) while a batch is being sent.
+                linger_ms=100,
                 batch_size=256 * 1024,
                 # One request in flight keeps a key's predictions in order across retries.
                 max_in_flight_requests_per_connection=1,
@@ -203,6 +219,9 @@ class KafkaEdge(ChangelogMixin):
         KafkaEdgeError for anything that retrying cannot fix.
         """
         limit, wait_s = self.settings.max_batch_events, self.settings.max_batch_wait_ms / 1e3
+        self._raise_commit_error()
+        if self.changelog_topic is None:  # with a changelog only checkpoints commit
+            self.commit_async()  # e.g. a commit that failed earlier, retried while idle
         batch: list[Message] = []
         generation = self.generation
         self._sought = {}
@@ -214,6 +233,7 @@ class KafkaEdge(ChangelogMixin):
                                              max_records=limit - len(batch))
             except KafkaError as exc:
                 raise wrap("poll failed", exc) from exc
+            self._raise_commit_error()
             if self.generation != generation:
                 if self.rebalancing and remaining_ms > 0:
                     continue  # revoked, not yet re-assigned: nothing fetched now is ours
@@ -333,14 +353,19 @@ class KafkaEdge(ChangelogMixin):
         headers: list[tuple[str, bytes]] | None = None, origin: object = None,
     ) -> None:
         """Buffer one record; ``origin`` (e.g. the input message) is handed to ``on_refused``
-        if the producer or the broker refuses this record."""
+        if the producer or the broker refuses this record. A keyed record goes straight to the
+        producer's accumulator (:mod:`streamer.kafka_append`), others through ``send()``."""
         try:
-            self._begin()
+            if self.transactional:
+                self._begin()
             partition = self._partition(topic, key)
-            self._futures.append(
-                self.producer.send(topic, key=key, value=value, headers=headers,
-                                   partition=partition)
-            )
+            future = None
+            if partition is not None and self._append is not None:
+                future = self._append(topic, partition, key, value, headers)  # type: ignore[arg-type]
+            if future is None:
+                future = self.producer.send(topic, key=key, value=value, headers=headers,
+                                            partition=partition)
+            self._futures.append(future)
             self._sent.append(((topic, key, value, headers), origin))
         except KafkaError as exc:
             raise wrap(f"produce to {topic} failed", exc) from exc
@@ -362,12 +387,16 @@ class KafkaEdge(ChangelogMixin):
         return partition
 
     def flush_and_commit(self, batch: Sequence[Message]) -> bool:
-        """Wait until the broker acknowledged every record sent for ``batch``, then commit it.
+        """Wait until the broker acknowledged every record sent for ``batch``, then commit its
+        offsets asynchronously (:meth:`commit_async`).
 
-        Returns whether the commit went through. A commit rejected because the group moved on
-        drops the pending offsets (the new owner re-reads them) and returns False; a commit
-        that timed out keeps them for the next commit. Raises KafkaUnavailable, after seeking
-        the batch's partitions back, when the acks do not come within ``flush_timeout_s``.
+        Returns whether an offset commit succeeded since the previous call (results of
+        asynchronous commits arrive inside ``poll``); always False when ``on_committed`` is
+        given, which then hears of each success as it arrives, also while idle. A commit
+        rejected because the group moved on drops the offsets it carried (the new owner
+        re-reads them); one that failed otherwise keeps them for the next commit; both are
+        reported through ``on_commit_failed``. Raises KafkaUnavailable, after seeking the
+        batch's partitions back, when the acks do not come within ``flush_timeout_s``.
         """
         try:
             self.flush()
@@ -378,7 +407,10 @@ class KafkaEdge(ChangelogMixin):
             self._uncommitted[msg.partition] = max(
                 self._uncommitted.get(msg.partition, 0), msg.offset + 1
             )
-        return self.commit_pending()
+        self.commit_async()
+        self._raise_commit_error()
+        succeeded, self._commits_ok = self._commits_ok > 0, 0
+        return succeeded and self.on_committed is None
 
     def _deadline(self, timeout_s: float) -> float:
         """``now + timeout_s``, cut to the drain deadline once stopping."""
@@ -478,8 +510,9 @@ class KafkaEdge(ChangelogMixin):
         return transient
 
     def commit_pending(self) -> bool:
-        """Commit acknowledged offsets within ``commit_timeout_s``; returns whether a commit
-        was made. Never raises for a transient fault: a rejected commit is counted."""
+        """Commit acknowledged offsets synchronously within ``commit_timeout_s`` (revocation,
+        checkpoint markers, close); returns whether a commit was made. Never raises for a
+        transient fault: a rejected commit is counted."""
         if not self._uncommitted:
             return False
         offsets = {
@@ -504,6 +537,75 @@ class KafkaEdge(ChangelogMixin):
             return False
         self._uncommitted.clear()
         return True
+
+    def commit_async(self) -> None:
+        """Send the acknowledged offsets to the group coordinator without waiting; the result
+        comes to :meth:`_on_commit` inside a later ``consumer.poll()``. One commit is in flight
+        at a time (offsets acknowledged meanwhile go with the next one), so commits reach the
+        coordinator in order and never pile up; one without an answer within
+        ``commit_timeout_s`` counts as timed out and the next may go. Nothing is sent while
+        partitions are revoked and not yet re-assigned (the revocation commits synchronously).
+        """
+        if not self._uncommitted or self.rebalancing:
+            return
+        now = time.monotonic()
+        if self._commit_sent is not None:
+            if now - self._commit_sent[1] < self.settings.commit_timeout_s:
+                return
+            self._commit_sent = None
+            self.on_commit_failed("timeout")
+            log.warning("offset commit unanswered for %.0f s; retried with the next commit",
+                        self.settings.commit_timeout_s)
+        offsets = {
+            TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
+            for p, o in self._uncommitted.items()
+        }
+        self._commit_ids += 1
+        self._commit_sent = (self._commit_ids, now)
+        try:
+            self.consumer.commit_async(offsets, callback=functools.partial(
+                self._on_commit, self._commit_ids))
+        except KafkaError as exc:  # e.g. fenced by a newer static member (raised at once)
+            self._on_commit(self._commit_ids, offsets, exc)
+
+    def _on_commit(self, commit_id: int, offsets: dict[TopicPartition, OffsetAndMetadata],
+                   result: object) -> None:
+        """An asynchronous commit's result (kafka-python: None or a response on success, an
+        exception instance or class on failure)."""
+        current = self._commit_sent is not None and self._commit_sent[0] == commit_id
+        if current:
+            self._commit_sent = None
+        error = (result() if isinstance(result, type) and issubclass(result, BaseException)
+                 else result)
+        if not isinstance(error, BaseException):
+            for tp, meta in offsets.items():
+                if self._uncommitted.get(tp.partition, -1) <= meta.offset:
+                    self._uncommitted.pop(tp.partition, None)
+            self._commits_ok += 1
+            if self.on_committed is not None:
+                self.on_committed()
+            return
+        # Whether this failure left anything uncommitted (a later synchronous commit may have
+        # covered its offsets already); a commit given up on as timed out was reported then.
+        pending = [tp.partition for tp in offsets if tp.partition in self._uncommitted]
+        if not current or not pending:
+            return
+        if isinstance(error, MEMBERSHIP_ERRORS):
+            for p in pending:
+                self._uncommitted.pop(p, None)
+            self.on_commit_failed("rebalance")
+            log.warning("offset commit rejected (%s: %s): the group rebalanced; those offsets "
+                        "will be re-delivered", type(error).__name__, error)
+        elif is_transient(error):
+            self.on_commit_failed("timeout")
+            log.warning("offset commit failed (%s: %s); retried with the next commit",
+                        type(error).__name__, error)
+        else:
+            self._commit_error = KafkaEdgeError(f"commit failed: {type(error).__name__}: {error}")
+
+    def _raise_commit_error(self) -> None:
+        if self._commit_error is not None:
+            raise self._commit_error
 
     # --- state -----------------------------------------------------------------------------
 
