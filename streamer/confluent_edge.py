@@ -53,6 +53,7 @@ Record = tuple[str, bytes | None, bytes | None, Headers | None]  # topic, key, v
 # (record, origin given to send(), error, final) -> a replacement to send, or None
 RefusedCallback = Callable[[Record, object, Exception, bool], Record | None]
 
+_IDLE_COMMIT_S = 1.0  # while idle, pending offsets are committed again at most this often
 _IDLE_POLL_S = 0.1  # longest wait for a first record; the loop heartbeats in between
 _WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
 STALL_S = 2.0  # a flush waiting longer than this makes the service not ready until it ends
@@ -145,6 +146,7 @@ class ConfluentEdge(ConfluentChangelogMixin):
         on_stall: Callable[[str], None] | None = None,
         on_revoking: PartitionCallback | None = None,
         changelog_topic: str | None = None,
+        on_committed: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.topic = settings.input_topic
@@ -153,6 +155,7 @@ class ConfluentEdge(ConfluentChangelogMixin):
         self.on_gap = on_gap or (lambda partition, n: None)
         self.on_dropped = on_dropped or (lambda n: None)
         self.on_commit_failed = on_commit_failed or (lambda reason: None)
+        self.on_committed = on_committed  # a commit succeeded (asynchronous: inside poll)
         self.stop = stop or threading.Event()
         self.beat = beat or (lambda: None)
         self.on_refused = on_refused
@@ -167,6 +170,7 @@ class ConfluentEdge(ConfluentChangelogMixin):
         self._next_offset: dict[int, int] = {}  # partition -> next offset to read
         self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
         self._sent = 0
+        self._commit_issued = 0.0  # time.monotonic() of the last commit issued
         self._failures: list[KafkaError] = []
         self._init_changelog(on_revoking, changelog_topic)
         base = librdkafka_config(settings)
@@ -308,6 +312,8 @@ class ConfluentEdge(ConfluentChangelogMixin):
         for tp in partitions:
             if tp.error is None and self._uncommitted.get(tp.partition, -1) <= tp.offset:
                 self._uncommitted.pop(tp.partition, None)
+        if err is None and self.on_committed is not None:
+            self.on_committed()
 
     # --- consuming -------------------------------------------------------------------------
 
@@ -321,6 +327,8 @@ class ConfluentEdge(ConfluentChangelogMixin):
         first = self.consumer.poll(_IDLE_POLL_S)
         if first is None:
             self._check_fatal()
+            if self._uncommitted and time.monotonic() - self._commit_issued >= _IDLE_COMMIT_S:
+                self.commit_pending()  # idle: retry what a failed commit left pending
             return []
         msgs = [first, *self.consumer.consume(limit - 1, timeout=0)] if limit > 1 else [first]
         clean = list(map(type(first).error, msgs)).count(None) == len(msgs)
@@ -446,8 +454,10 @@ class ConfluentEdge(ConfluentChangelogMixin):
 
     def flush_and_commit(self, batch: Sequence[Message]) -> bool:
         """Wait for the acks of everything sent for ``batch``, then commit its offsets
-        (asynchronously). Raises KafkaUnavailable, after seeking back, when acks do not come
-        within ``flush_timeout_s`` or a record failed."""
+        (asynchronously). Returns whether a commit was issued; always False when
+        ``on_committed`` is given, which then hears of each success as it arrives (also while
+        idle). Raises KafkaUnavailable, after seeking back, when acks do not come within
+        ``flush_timeout_s`` or a record failed."""
         try:
             self.flush()
         except KafkaEdgeError:
@@ -457,7 +467,7 @@ class ConfluentEdge(ConfluentChangelogMixin):
             if msg.partition in self._owned:
                 self._uncommitted[msg.partition] = max(
                     self._uncommitted.get(msg.partition, 0), msg.offset + 1)
-        return self.commit_pending()
+        return self.commit_pending() and self.on_committed is None
 
     def _flush_acks(self) -> None:
         sent, self._sent = self._sent, 0
@@ -498,6 +508,7 @@ class ConfluentEdge(ConfluentChangelogMixin):
         if not self._uncommitted:
             return False
         offsets = [TopicPartition(self.topic, p, o) for p, o in self._uncommitted.items()]
+        self._commit_issued = time.monotonic()
         try:
             if asynchronous:
                 self.consumer.commit(offsets=offsets, asynchronous=True)

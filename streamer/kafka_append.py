@@ -19,9 +19,10 @@ this project produces, all of that is known once per topic:
 
 What follows ``send()``'s checks is what it does itself: ``append`` to the accumulator (same
 timestamp, record batch and per-record future) and wake the sender thread when a batch was
-created or filled. Producers without those internals (another kafka-python version, a test
-double) get no fast path: :func:`appender` returns None and every record goes through
-``send()``. ``tests/streamer/test_kafka_append.py`` proves both paths write identical records.
+created or filled. Producers without those internals, or whose accumulator's ``append`` has
+another signature (another kafka-python version, a test double), get no fast path:
+:func:`appender` returns None and every record goes through ``send()``.
+``tests/streamer/test_kafka_append.py`` proves both paths write identical records.
 
 Usage::
 
@@ -32,6 +33,7 @@ Usage::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +61,12 @@ def appender(producer: KafkaProducer) -> Append | None:
             or "max_request_size" not in config):
         return None
     assert accumulator is not None and sender is not None
+    try:  # the internal signature this relies on (kafka-python 2.3); another one: use send()
+        params = list(inspect.signature(accumulator.append).parameters)[:5]
+    except (TypeError, ValueError):
+        return None
+    if params != ["tp", "timestamp_ms", "key", "value", "headers"]:
+        return None
     limit = config["max_request_size"] - SIZE_MARGIN
     tps: dict[tuple[str, int], TopicPartition] = {}
     append, wakeup = accumulator.append, sender.wakeup

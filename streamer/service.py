@@ -265,8 +265,8 @@ class Service:
                     on_dropped=self._on_dropped, on_commit_failed=self._on_commit_failed,
                     stop=stop, beat=self.health.beat,
                     on_stall=lambda reason: self._set_fault(f"Kafka unavailable: {reason}"),
-                    on_refused=self._on_refused, **self._changelog_kwargs(),
-                    **self._commit_kwargs(),
+                    on_refused=self._on_refused, on_committed=self._committed,
+                    **self._changelog_kwargs(),
                 )
             except KafkaUnavailable as exc:
                 backoff = min(max(2 * backoff, 0.1), self.settings.retry_backoff_max_s)
@@ -276,12 +276,6 @@ class Service:
                 self.health.beat()
                 if stop.wait(backoff):
                     return None
-
-    def _commit_kwargs(self) -> dict[str, Any]:
-        """The kafka-python edge reports asynchronous commits that succeed (also while idle,
-        when no flush_and_commit follows) so readiness recovers from a commit problem."""
-        return {"on_committed": self._committed} if self.settings.kafka_client == (
-            "kafka-python") else {}
 
     def _changelog_kwargs(self) -> dict[str, Any]:
         """What an edge needs for durable state (only when the changelog is on)."""

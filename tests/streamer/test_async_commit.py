@@ -1,5 +1,5 @@
-"""The kafka-python edge commits offsets asynchronously after each batch's acks. Proved on the
-embedded broker: a process killed with SIGKILL while its outputs cannot be acknowledged has
+"""Both edges commit offsets asynchronously after each batch's acks. Proved on the embedded
+broker, with each client: a process killed with SIGKILL while its outputs cannot be acknowledged has
 committed no offset beyond an acknowledged output (and had committed everything acknowledged
 before); failing asynchronous commits make the service not ready, saying why, until a commit
 goes through again, even one made while no input comes."""
@@ -51,7 +51,7 @@ def _wait_for(cond: object, timeout_s: float, what: str) -> None:
 
 
 def test_kill_9_leaves_no_offset_committed_beyond_an_acknowledged_output(
-    artifact_dir: Path,
+    artifact_dir: Path, kafka_client: str,
 ) -> None:
     with EmbeddedBroker(num_brokers=3) as broker:
         name = f"k9-{uuid.uuid4().hex[:8]}"
@@ -67,7 +67,7 @@ def test_kill_9_leaves_no_offset_committed_beyond_an_acknowledged_output(
         proc = _streamer(
             "run", "--bootstrap-servers", bs, "--input-topic", name, "--output-topic", out_topic,
             "--group-id", group, "--model", str(artifact_dir), "--device", "cpu",
-            "--metrics-address", "127.0.0.1:0", "--kafka-client", "kafka-python",
+            "--metrics-address", "127.0.0.1:0", "--kafka-client", kafka_client,
             "--max-batch-events", "20", "--flush-timeout-s", "60",
         )
         try:
@@ -100,9 +100,9 @@ def test_kill_9_leaves_no_offset_committed_beyond_an_acknowledged_output(
 
 
 def test_failing_async_commits_make_the_service_not_ready_until_one_succeeds(
-    topics: Topics, artifact_dir: Path, broker: EmbeddedBroker,
+    topics: Topics, artifact_dir: Path, broker: EmbeddedBroker, kafka_client: str,
 ) -> None:
-    settings = settings_for(topics, artifact_dir, kafka_client="kafka-python",
+    settings = settings_for(topics, artifact_dir, kafka_client=kafka_client,
                             commit_timeout_s=2.0, max_batch_events=20)
     with running_service(settings) as service:
         _wait_for(service.health.ready, 30, "readiness")

@@ -95,6 +95,11 @@ def test_no_fast_path_for_transactions_serializers_or_doubles(broker: EmbeddedBr
 
     assert appender(Double()) is None  # type: ignore[arg-type]
 
+    other = _producer(broker.bootstrap_servers)  # an accumulator of another signature
+    other._accumulator.append = lambda tp, key, value, headers: None  # type: ignore[method-assign]
+    assert appender(other) is None
+    other.close()
+
 
 def test_edge_sends_through_the_fast_path_and_send_alike(broker: EmbeddedBroker) -> None:
     """Through the edge: keyed outputs take the fast path, keyless dead letters take send();
