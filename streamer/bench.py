@@ -114,6 +114,18 @@ def preload(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> N
         producer.poll(0)
     if producer.flush(60):
         raise RuntimeError("preload: records not acknowledged within 60 s")
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-watermarks"})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        dropped = sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[0]
+                      for p in partitions)
+    finally:
+        consumer.close()
+    if dropped:  # the contenders would wait for outputs of events that are gone
+        raise SystemExit(
+            f"streamer bench: the embedded broker dropped {dropped:,} of {len(records):,} "
+            "input events (it keeps only the newest 5 MiB per partition): use fewer --events "
+            "or more --partitions")
 
 
 def high_watermarks(bootstrap: str, topic: str, partitions: int) -> Callable[[], int]:
