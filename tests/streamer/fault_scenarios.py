@@ -146,7 +146,9 @@ class _Writer(threading.Thread):
         try:
             producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5,
                                      request_timeout_ms=30_000, retries=1_000_000,
-                                     max_in_flight_requests_per_connection=1)
+                                     max_in_flight_requests_per_connection=1,
+                                     # a retried request must not write an input twice
+                                     enable_idempotence=True)
             start = time.monotonic()
             futures = []
             for i in range(self.n):

@@ -195,7 +195,7 @@ def assert_same(fast: DecodedBatch, ref: DecodedBatch) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(SPECS))
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_batch_decoder_equals_the_per_message_reference(kind: str, data: st.DataObject) -> None:
     messages = data.draw(batches(kind))
