@@ -34,7 +34,8 @@ def test_offsets_lost_to_retention_are_counted_loudly(
     topics = Topics(broker.bootstrap_servers, "small", "small.out", "small.dlq")
     for name in (topics.input, topics.output, topics.dlq):
         broker.create_topic(name, partitions=1)
-    settings = settings_for(topics, artifact_dir, group_id="lagging")
+    settings = settings_for(topics, artifact_dir, group_id="lagging", session_timeout_ms=3000,
+                            heartbeat_interval_ms=1000)  # the successor waits this out
     with running_service(settings):
         produce(topics.bootstrap, topics.input, _records(0, 10))
         assert len(read_topic(topics.bootstrap, topics.output, expect=10, settle_s=0.3)) == 10
