@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from itertools import repeat
+from operator import is_not
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -218,6 +219,7 @@ class ConfluentEdge(ConfluentChangelogMixin):
         if getattr(settings, "request_timeout_ms", None) is not None:
             producer_conf["request.timeout.ms"] = settings.request_timeout_ms  # type: ignore[attr-defined]
         self._fatal: KafkaError | None = None
+        self._all_down = False  # librdkafka reported every broker down; cleared once one answers
         try:
             self.consumer = Consumer(consumer_conf)
             self.producer = Producer(producer_conf)
@@ -296,8 +298,22 @@ class ConfluentEdge(ConfluentChangelogMixin):
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
             self._fatal = err
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._all_down = True
         else:
             log.debug("librdkafka: %s", err)
+
+    def _check_brokers(self) -> None:
+        """librdkafka reconnects by itself and says nothing when brokers are back: while it
+        reports every broker down, each poll asks for the input topic's metadata (1 s bound)
+        and raises KafkaUnavailable until a broker answers, so readiness tells the truth."""
+        if not self._all_down:
+            return
+        try:
+            self.consumer.list_topics(self.topic, timeout=_IDLE_COMMIT_S)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"all brokers are down: {exc}") from exc
+        self._all_down = False
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         """A commit's result (inside poll when asynchronous). Pending offsets stay pending until
@@ -324,6 +340,7 @@ class ConfluentEdge(ConfluentChangelogMixin):
         limit = self.settings.max_batch_events
         generation = self.generation
         self._sought = {}
+        self._check_brokers()
         first = self.consumer.poll(_IDLE_POLL_S)
         if first is None:
             self._check_fatal()
@@ -331,7 +348,8 @@ class ConfluentEdge(ConfluentChangelogMixin):
                 self.commit_pending()  # idle: retry what a failed commit left pending
             return []
         msgs = [first, *self.consumer.consume(limit - 1, timeout=0)] if limit > 1 else [first]
-        clean = list(map(type(first).error, msgs)).count(None) == len(msgs)
+        # (identity, not ==: a KafkaError compared with None raises TypeError)
+        clean = not any(map(is_not, map(type(first).error, msgs), repeat(None)))
         batch = _messages(msgs) if clean else self._messages_and_errors(msgs)
         nxt = self._next_offset
         for m in batch:

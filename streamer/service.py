@@ -117,6 +117,9 @@ class Service:
         log.info("assigned partitions %s", sorted(partitions))
 
     def _on_revoke(self, partitions: set[int]) -> None:
+        self._assigned = self._assigned - partitions
+        self.metrics.set_assigned_partitions(len(self._assigned))
+        self._update_ready()  # holding no partition (e.g. during a rejoin) is not ready
         released = self.store.release_partitions(partitions)
         if self.recovery is not None:
             self.recovery.forget(partitions)

@@ -92,3 +92,47 @@ def test_oauthbearer_is_refused_naming_the_field(topics: Topics, artifact_dir: P
     base = settings_for(topics, artifact_dir)
     with pytest.raises(ConfigError, match="sasl_mechanism"):
         librdkafka_config(OAuth())  # type: ignore[arg-type]
+
+
+def test_an_input_topic_that_does_not_exist_is_waited_for_not_a_crash(
+    topics: Topics, artifact_dir: Path
+) -> None:
+    """librdkafka hands the poll an UNKNOWN_TOPIC_OR_PART error message: the service stays up,
+    not ready and saying why, and serves the topic once it exists."""
+    missing = Topics(topics.bootstrap, f"{topics.input}-later", topics.output, topics.dlq)
+    settings = settings_for(missing, artifact_dir, kafka_client="confluent",
+                            retry_backoff_max_s=0.5)
+    with running_service(settings) as service:
+        reasons: set[str] = set()
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            if not service.health.ready():
+                reasons.add(service.health.not_ready_reason())
+            time.sleep(0.05)
+        assert any("Kafka unavailable" in r for r in reasons), reasons
+        producer = Producer({"bootstrap.servers": topics.bootstrap})
+        for key, value in _records(0, 20):
+            producer.produce(missing.input, value, key)
+        assert producer.flush(30) == 0
+        out = read_topic(topics.bootstrap, topics.output, expect=20, timeout_s=60, settle_s=0)
+    assert len(out) == 20
+
+
+def test_readiness_is_false_while_every_broker_is_down(artifact_dir: Path) -> None:
+    """librdkafka reconnects by itself and reports nothing when brokers come back: /readyz
+    must still say 503 while they are all down, and 200 again once one answers."""
+    from streamer.broker import EmbeddedBroker
+
+    with EmbeddedBroker(num_brokers=1) as broker:
+        t = Topics(broker.bootstrap_servers, "down", "down.out", "down.dlq")
+        for name in (t.input, t.output, t.dlq):
+            broker.create_topic(name, partitions=1)
+        settings = settings_for(t, artifact_dir, kafka_client="confluent",
+                                retry_backoff_max_s=0.5)
+        with running_service(settings) as service:
+            _wait(service.health.ready, 30)
+            broker.set_broker_down(1)
+            _wait(lambda: not service.health.ready(), 30)
+            assert "Kafka unavailable" in service.health.not_ready_reason()
+            broker.set_broker_up(1)
+            _wait(service.health.ready, 30)
