@@ -208,6 +208,15 @@ class ConfluentChangelogMixin:
         self._begin()
         return True
 
+    def topic_partitions(self, topic: str) -> int:
+        """How many partitions ``topic`` has (0: it does not exist)."""
+        try:
+            meta = self.consumer.list_topics(
+                topic, timeout=self.settings.request_timeout_ms / 1e3).topics.get(topic)
+        except KafkaException as exc:
+            raise _error(f"metadata of {topic}", exc) from exc
+        return 0 if meta is None or meta.error is not None else len(meta.partitions)
+
     def seek(self, partition: int, offset: int) -> None:
         """Read input ``partition`` from ``offset`` next. Inside an assignment the offset
         becomes the partition's start offset; records of it already in the batch being

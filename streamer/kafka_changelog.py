@@ -105,6 +105,13 @@ class ChangelogMixin:
         self._in_txn = False
         return True
 
+    def topic_partitions(self, topic: str) -> int:
+        """How many partitions ``topic`` has (0: it does not exist)."""
+        try:
+            return len(self.consumer.partitions_for_topic(topic) or ())
+        except KafkaError as exc:
+            raise wrap(f"metadata of {topic}", exc) from exc
+
     def seek(self, partition: int, offset: int) -> None:
         """Read input ``partition`` from ``offset`` next; records of it already fetched into
         the batch being filled are dropped (they are read again from there)."""

@@ -74,6 +74,10 @@ class StateEdge(Protocol):
         """Every record of these changelog partitions from the start to the high watermark
         read at the call, in offset order per partition: (partition, key, value, headers)."""
 
+    def topic_partitions(self, topic: str) -> int:
+        """How many partitions ``topic`` has (0: it does not exist)."""
+        ...
+
     def seek(self, partition: int, offset: int) -> None:
         """Consume input ``partition`` from ``offset`` next (called inside an assignment)."""
 

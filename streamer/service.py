@@ -29,7 +29,7 @@ from streamer.batch_decode import decode_batch_fast
 from streamer.edge import Edge, make_edge
 from streamer.encode import encode_predictions
 from streamer.engine import Engine
-from streamer.errors import KafkaEdgeError, KafkaUnavailable
+from streamer.errors import ConfigError, KafkaEdgeError, KafkaUnavailable
 from streamer.events import DecodedBatch, Message
 from streamer.graphs import GraphStep
 from streamer.hotswap import ModelWatcher, open_model_source
@@ -93,6 +93,8 @@ class Service:
                 settings.checkpoint_interval_events, settings.swap_policy)
         self._restoring = ""  # why state is not restored yet; "" when it is
         self._restore_needed: set[int] = set()  # partitions whose resident state is unusable
+        self._restore_backoff = 0.0  # seconds before retrying a failed restore (doubling)
+        self._restore_retry_at = 0.0  # time.monotonic() of the next retry between batches
 
     @classmethod
     def from_settings(
@@ -155,8 +157,13 @@ class Service:
         except KafkaUnavailable as exc:
             self._restoring = f"state restore failed, retrying: {exc}"
             self._update_ready()
-            log.warning("state restore failed, retried between batches: %s", exc)
+            self.metrics.kafka_retry()
+            self._restore_backoff = min(max(2 * self._restore_backoff, 0.1),
+                                        self.settings.retry_backoff_max_s)
+            self._restore_retry_at = time.monotonic() + self._restore_backoff
+            log.warning("state restore failed, retried in %.1f s: %s", self._restore_backoff, exc)
             return
+        self._restore_backoff = 0.0
         self._restore_needed.clear()
         self._restoring = ""
         self.metrics.restored(stats.seconds, stats.records_per_s, stats.keys, stats.skipped)
@@ -244,6 +251,7 @@ class Service:
             self.watcher.start()
         failure: BaseException | None = None
         try:
+            self._check_changelog_topic()
             self._loop(stop)
         except BaseException as exc:
             failure = exc
@@ -279,6 +287,25 @@ class Service:
                 self.health.beat()
                 if stop.wait(backoff):
                     return None
+
+    def _check_changelog_topic(self) -> None:
+        """With ``changelog``: the changelog topic must exist with at least as many partitions
+        as the input (partition N holds input partition N's keys). Raises ConfigError naming
+        both topics; a restore could otherwise never succeed."""
+        if self.recovery is None:
+            return
+        edge, st = self._state_edge, self.settings
+        n_in, n_cl = edge.topic_partitions(st.input_topic), edge.topic_partitions(st.state_topic)
+        if n_cl == 0:
+            raise ConfigError(
+                "changelog_topic", f"the changelog topic {st.state_topic!r} does not exist; create "
+                f"it with {n_in or 'as many'} partitions (as the input topic {st.input_topic!r}) "
+                "and cleanup.policy=compact, or name another with changelog_topic")
+        if n_cl < n_in:
+            raise ConfigError(
+                "changelog_topic", f"the changelog topic {st.state_topic!r} has {n_cl} partitions, "
+                f"the input topic {st.input_topic!r} has {n_in}; changelog partition N holds "
+                f"input partition N's keys, so it needs at least {n_in}")
 
     def _changelog_kwargs(self) -> dict[str, Any]:
         """What an edge needs for durable state (only when the changelog is on)."""
@@ -502,7 +529,8 @@ class Service:
 
     def _between_batches(self) -> None:
         now = time.time()
-        if self._restore_needed and self.edge is not None:
+        if (self._restore_needed and self.edge is not None
+                and time.monotonic() >= self._restore_retry_at):
             self._restore(set())
         if self.watcher is not None:
             self._maybe_swap()

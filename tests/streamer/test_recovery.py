@@ -20,6 +20,7 @@ from streamer.broker import EmbeddedBroker
 from streamer.checkpoint import MARKER_HEADER, MARKER_KEY, encode_marker, encode_states
 from streamer.confluent_edge import ConfluentEdge
 from streamer.engine import Engine
+from streamer.errors import ConfigError
 from streamer.events import Message
 from streamer.kafka_edge import KafkaEdge
 from streamer.recovery import StateRecovery
@@ -112,6 +113,24 @@ def test_readyz_is_false_until_restore_is_done(
         thread.join(30)
     assert seen, "nothing was restored"
     assert all(code == 503 and "restoring state" in body for code, body in seen), seen[:3]
+
+
+@pytest.mark.parametrize("state_partitions", [0, 2])
+def test_a_missing_or_too_small_changelog_topic_fails_at_start_naming_it(
+    broker: EmbeddedBroker, topics: Topics, artifact_dir: Path, kafka_client: str,
+    state_partitions: int,
+) -> None:
+    """Changelog partition N holds input partition N's keys: without the topic, or with fewer
+    partitions than the input (4), no restore could succeed, so the service refuses to start
+    instead of retrying forever."""
+    changelog = f"g-{topics.input}-state"
+    if state_partitions:
+        broker.create_topic(changelog, partitions=state_partitions)
+    service = Service.from_settings(_settings(topics, artifact_dir, kafka_client=kafka_client))
+    with pytest.raises(ConfigError, match="changelog_topic") as err:
+        service.run(threading.Event())
+    assert changelog in str(err.value)
+    assert ("does not exist" if not state_partitions else "has 2 partitions") in str(err.value)
 
 
 def test_corrupt_record_is_skipped_counted_and_logged_with_its_key(
