@@ -258,6 +258,9 @@ def full_speed(bootstrap: str, contender: str, model: Path, cfg: BenchConfig,
         steady = first <= 0.9 * cfg.events
         if not steady:
             first, t0 = 0, started
+            print(f"bench: {contender} output over 90% of {cfg.events:,} events before the "
+                  "first reading: its full speed is timed from start, start-up included "
+                  "(use more --events for a steady-state figure)", file=sys.stderr)
         elif isinstance(runner, StreamerUnderTest):
             runner.service.stages.reset()
         _wait(lambda: done() >= cfg.events, 600, f"{cfg.events} outputs of {contender}",

@@ -111,15 +111,33 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 def cmd_bench(ns: argparse.Namespace) -> int:
     from streamer.bench import BenchConfig, run_bench
+    from streamer.model import resolve_device
+    from streamer.settings import load_settings
 
     _setup_logging("WARNING")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     clients = ("kafka-python", "confluent") if ns.client == "both" else (ns.client,)
+    phases = tuple(p for p in ns.phases.split(",") if p)
+    if not phases or set(phases) - {"full", "rate"}:
+        raise ConfigError("phases", f"{ns.phases!r}: give full, rate or full,rate")
+    for name in ("keys", "events", "partitions", "brokers", "repeats"):
+        if getattr(ns, name) < 1:
+            raise ConfigError(name, f"must be at least 1, got {getattr(ns, name)}")
+    for name in ("rate", "seconds"):
+        if not getattr(ns, name) > 0:
+            raise ConfigError(name, f"must be > 0, got {getattr(ns, name)}")
+    bad = [kv for kv in ns.set if "=" not in kv]
+    if bad:
+        raise ConfigError("set", f"{bad[0]!r}: give NAME=VALUE")
+    overrides = tuple(tuple(kv.split("=", 1)) for kv in ns.set)
+    resolve_device(ns.device)  # before anything runs: ConfigError when it is not there
+    # The streamer's settings as the bench will build them, checked before the relay runs.
+    load_settings(StreamerSettings, {"bootstrap_servers": "127.0.0.1:9", "device": ns.device,
+                                     "kafka_client": clients[0], **dict(overrides)})
     run_bench(BenchConfig(
         keys=ns.keys, events=ns.events, rate=ns.rate, seconds=ns.seconds,
         partitions=ns.partitions, brokers=ns.brokers, clients=clients, device=ns.device,
-        repeats=ns.repeats, phases=tuple(ns.phases.split(",")),
-        overrides=tuple(tuple(kv.split("=", 1)) for kv in ns.set),  # type: ignore[misc]
+        repeats=ns.repeats, phases=phases, overrides=overrides,  # type: ignore[arg-type]
     ))
     return 0
 

@@ -67,7 +67,9 @@ class Service:
             model, settings.capacity, settings.window, device, settings.key_ttl_s
         )
         self.engine = Engine(model, self.store)
-        if settings.cuda_graphs and device.type == "cuda":
+        if settings.cuda_graphs and device.type != "cuda":
+            log.info("cuda_graphs is ignored on %s: CUDA graphs need a CUDA device", device)
+        elif settings.cuda_graphs:
             self.engine.bucketed = GraphStep(settings.max_batch_events)
             self.engine.bucketed.warm(self.engine)  # capture now, not on the first batches
         self.watcher = watcher
