@@ -2,6 +2,9 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# Test files run in 2 processes (pytest-xdist, a file stays in one): most of the suite waits
+# on brokers, sockets and subprocesses, so two halve the wall time on 2 cores.
+TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.installed
 DEMO_ARGS ?=
 TEST_ARGS ?=
@@ -29,7 +32,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check streamer trainer tests benchmarks scripts
 	$(PY) -m mypy
-	$(PY) -m pytest -q -ra $(TEST_ARGS)
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile $(TEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check streamer trainer tests benchmarks scripts
