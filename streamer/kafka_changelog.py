@@ -105,10 +105,28 @@ class ChangelogMixin:
         self._in_txn = False
         return True
 
+    def _restorer(self) -> KafkaConsumer:
+        """The group-less consumer of restores and metadata questions (made on first use)."""
+        if self._restore_consumer is None:
+            self._restore_consumer = KafkaConsumer(
+                bootstrap_servers=self.settings.bootstrap_servers.split(","),
+                enable_auto_commit=False, group_id=None,
+                isolation_level=self.settings.isolation_level,
+                check_crcs=self.settings.check_crcs, fetch_max_wait_ms=10,
+                max_poll_records=10_000, max_partition_fetch_bytes=8 * 1024 * 1024,
+                request_timeout_ms=self.settings.request_timeout_ms,
+                reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+                client_id=f"streamer-{self.settings.group_id}-restore",
+                **self.settings.kafka_security_kwargs(),
+            )
+        return self._restore_consumer
+
     def topic_partitions(self, topic: str) -> int:
-        """How many partitions ``topic`` has (0: it does not exist)."""
+        """How many partitions ``topic`` has (0: it does not exist). Asked through the
+        group-less consumer: a full metadata fetch on the group's consumer would leave its
+        subscription blind to an input topic created later."""
         try:
-            return len(self.consumer.partitions_for_topic(topic) or ())
+            return len(self._restorer().partitions_for_topic(topic) or ())
         except KafkaError as exc:
             raise wrap(f"metadata of {topic}", exc) from exc
 
@@ -129,19 +147,7 @@ class ChangelogMixin:
         assert self.changelog_topic is not None
         if not partitions:
             return
-        if self._restore_consumer is None:
-            self._restore_consumer = KafkaConsumer(
-                bootstrap_servers=self.settings.bootstrap_servers.split(","),
-                enable_auto_commit=False, group_id=None,
-                isolation_level=self.settings.isolation_level,
-                check_crcs=self.settings.check_crcs, fetch_max_wait_ms=10,
-                max_poll_records=10_000, max_partition_fetch_bytes=8 * 1024 * 1024,
-                request_timeout_ms=self.settings.request_timeout_ms,
-                reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
-                client_id=f"streamer-{self.settings.group_id}-restore",
-                **self.settings.kafka_security_kwargs(),
-            )
-        consumer = self._restore_consumer
+        consumer = self._restorer()
         tps = [TopicPartition(self.changelog_topic, p) for p in sorted(partitions)]
         try:
             consumer.assign(tps)

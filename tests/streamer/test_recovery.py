@@ -133,6 +133,27 @@ def test_a_missing_or_too_small_changelog_topic_fails_at_start_naming_it(
     assert ("does not exist" if not state_partitions else "has 2 partitions") in str(err.value)
 
 
+def test_an_input_topic_created_after_start_is_served_with_a_changelog(
+    broker: EmbeddedBroker, topics: Topics, artifact_dir: Path, kafka_client: str,
+) -> None:
+    """The start-up check of the changelog topic must not blind the group's subscription to
+    an input topic that appears later (kafka-python: a full metadata fetch on the group's
+    consumer did)."""
+    later = Topics(topics.bootstrap, f"{topics.input}-later", topics.output, topics.dlq)
+    broker.create_topic(f"g-{later.input}-state", partitions=4)
+    settings = _settings(later, artifact_dir, kafka_client=kafka_client)
+    with running_service(settings) as service:
+        time.sleep(1.0)
+        try:
+            broker.create_topic(later.input, partitions=4)
+        except RuntimeError as exc:  # kafka-python's metadata request auto-created it
+            assert "already exists" in str(exc)
+        coords = produce(topics.bootstrap, later.input, make_events(40, 4, seed=5))
+        outputs = _read_outputs(topics.bootstrap, topics.output, set(coords), timeout_s=60)
+        assert service.health.ready(), service.health.not_ready_reason()
+    assert {(o["partition"], o["offset"]) for o in outputs} >= set(coords)
+
+
 def test_corrupt_record_is_skipped_counted_and_logged_with_its_key(
     state_topics: Topics, artifact_dir: Path, caplog: pytest.LogCaptureFixture,
     kafka_client: str,
