@@ -201,8 +201,8 @@ class StreamerUnderTest:
         settings = StreamerSettings(
             bootstrap_servers=bootstrap, model=model, group_id=group, input_topic=source,
             output_topic=sink, device=cfg.device, metrics_address="127.0.0.1:0",
-            capacity=max(10_000, cfg.keys),
-            **{"fetch_max_wait_ms": cfg.fetch_max_wait_ms, **extra, **dict(cfg.overrides)},
+            **{"capacity": max(10_000, cfg.keys), "fetch_max_wait_ms": cfg.fetch_max_wait_ms,
+               **extra, **dict(cfg.overrides)},  # --set wins (cli refuses the fixed ones)
         )
         self.service = Service.from_settings(settings)
         self.stop = threading.Event()
@@ -259,8 +259,8 @@ def full_speed(bootstrap: str, contender: str, model: Path, cfg: BenchConfig,
         if not steady:
             first, t0 = 0, started
             print(f"bench: {contender} output over 90% of {cfg.events:,} events before the "
-                  "first reading: its full speed is timed from start, start-up included "
-                  "(use more --events for a steady-state figure)", file=sys.stderr)
+                  "first reading: its full speed is timed from start, start-up included, "
+                  "and ratios to it compare unlike figures (use more --events)", file=sys.stderr)
         elif isinstance(runner, StreamerUnderTest):
             runner.service.stages.reset()
         _wait(lambda: done() >= cfg.events, 600, f"{cfg.events} outputs of {contender}",

@@ -109,6 +109,11 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         )
 
 
+# Settings `streamer bench` gives the streamer itself; `--set` may not change them.
+BENCH_OWNS = {"bootstrap_servers", "model", "group_id", "input_topic", "output_topic",
+              "dlq_topic", "device", "kafka_client", "metrics_address"}
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
     from streamer.bench import BenchConfig, run_bench
     from streamer.model import resolve_device
@@ -117,19 +122,23 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     _setup_logging("WARNING")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     clients = ("kafka-python", "confluent") if ns.client == "both" else (ns.client,)
-    phases = tuple(p for p in ns.phases.split(",") if p)
+    phases = tuple(dict.fromkeys(p for p in ns.phases.split(",") if p))
     if not phases or set(phases) - {"full", "rate"}:
         raise ConfigError("phases", f"{ns.phases!r}: give full, rate or full,rate")
     for name in ("keys", "events", "partitions", "brokers", "repeats"):
         if getattr(ns, name) < 1:
             raise ConfigError(name, f"must be at least 1, got {getattr(ns, name)}")
     for name in ("rate", "seconds"):
-        if not getattr(ns, name) > 0:
-            raise ConfigError(name, f"must be > 0, got {getattr(ns, name)}")
+        if not 0 < getattr(ns, name) < float("inf"):
+            raise ConfigError(name, f"must be finite and > 0, got {getattr(ns, name)}")
     bad = [kv for kv in ns.set if "=" not in kv]
     if bad:
         raise ConfigError("set", f"{bad[0]!r}: give NAME=VALUE")
     overrides = tuple(tuple(kv.split("=", 1)) for kv in ns.set)
+    own = {n for n, _ in overrides} & BENCH_OWNS
+    if own:
+        raise ConfigError("set", f"{sorted(own)[0]} is set by the bench itself (use --device, "
+                          "--client; topics, group, model and addresses are the bench's)")
     resolve_device(ns.device)  # before anything runs: ConfigError when it is not there
     # The streamer's settings as the bench will build them, checked before the relay runs.
     load_settings(StreamerSettings, {"bootstrap_servers": "127.0.0.1:9", "device": ns.device,
@@ -183,18 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=None, help="where models go (default: a temp dir)")
     demo.set_defaults(func=cmd_demo)
 
-    bench = sub.add_parser("bench", help="throughput and latency against a no-model relay")
-    bench.add_argument("--keys", type=int, default=1000)
+    bench = sub.add_parser("bench", help="throughput and latency against a no-model relay",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_argument("--keys", type=int, default=1000, help="distinct event keys")
     bench.add_argument("--events", type=int, default=100_000, help="events for full speed")
     bench.add_argument("--rate", type=float, default=1000.0, help="events/s for latency")
     bench.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
-    bench.add_argument("--partitions", type=int, default=4)
-    bench.add_argument("--brokers", type=int, default=3)
+    bench.add_argument("--partitions", type=int, default=4, help="input/output partitions")
+    bench.add_argument("--brokers", type=int, default=3, help="embedded brokers")
     bench.add_argument("--client", choices=("kafka-python", "confluent", "both"),
                        default="both", help="Kafka client(s) of the streamer")
-    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="torch device of the streamer")
     bench.add_argument("--repeats", type=int, default=3, help="runs; medians are printed")
-    bench.add_argument("--phases", default="full,rate", help="full, rate or both")
+    bench.add_argument("--phases", default="full,rate", help="full, rate or full,rate")
     bench.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="a streamer setting for the run (e.g. max_batch_wait_ms=0)")
     bench.set_defaults(func=cmd_bench)
