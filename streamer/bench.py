@@ -356,8 +356,7 @@ def make_model(root: Path) -> tuple[Path, int]:
     spec = default_spec("generic", n_features=F)
     model = LSTMModel(ModelConfig(input_size=F, hidden_size=H, num_layers=L), spec)
     save_artifact(root / "model", model, version="bench")
-    store = StateStore(L, H, spec.raw_width, spec.n_features, 1, 32, torch.device("cpu"))
-    return root / "model", store.bytes_per_key
+    return root / "model", StateStore.for_model(model, capacity=1, window=32).bytes_per_key
 
 
 def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict[str, Figures]:

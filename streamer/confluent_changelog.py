@@ -42,14 +42,18 @@ log = logging.getLogger(__name__)
 _READ_SLICE_S = 0.2  # longest wait of one restore read between liveness heartbeats
 
 
+# A newer producer or member took over: this one must stop (also in the edge's FATAL_CODES).
+FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED,
+                          KafkaError.INVALID_PRODUCER_EPOCH,
+                          KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED})
+
+
 def _error(what: str, exc: KafkaException) -> KafkaEdgeError:
     """KafkaUnavailable when retrying can succeed, KafkaEdgeError otherwise (fatal, fenced)."""
     err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
     if err is None:
         return KafkaUnavailable(f"{what}: {exc}")
-    fatal = err.fatal() or err.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED,
-                                          KafkaError.INVALID_PRODUCER_EPOCH,
-                                          KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED)
+    fatal = err.fatal() or err.code() in FENCED_CODES
     cls = KafkaEdgeError if fatal else KafkaUnavailable
     return cls(f"{what}: {err.name()}: {err.str()}")
 
@@ -120,10 +124,10 @@ class ConfluentChangelogMixin:
                 raise _error("begin_transaction failed", exc) from exc
             self._in_txn = True
 
-    def abort(self) -> None:
+    def abort(self, begin_next: bool = True) -> None:
         """Abort the open transaction (exactly-once): none of its records become visible to
-        read_committed readers and its offsets are not committed; the next one begins. No-op
-        otherwise."""
+        read_committed readers and its offsets are not committed; the next one begins unless
+        ``begin_next`` is False (close). No-op otherwise."""
         if not (self.transactional and self._in_txn):
             return
         self._in_txn = False
@@ -132,7 +136,8 @@ class ConfluentChangelogMixin:
         except KafkaException as exc:
             log.error("aborting the transaction failed: %s", exc)
             return
-        self._begin()
+        if begin_next:
+            self._begin()
 
     def send_changelog(self, partition: int, key: bytes, value: bytes | None,
                        headers: list[tuple[str, bytes]] | None = None) -> None:
@@ -331,18 +336,10 @@ class ConfluentChangelogMixin:
     def _close_changelog(self) -> None:
         """Abort an open transaction (outputs not covered by a checkpoint are dropped) and
         close the restore consumer."""
-        self.abort_open()
+        self.abort(begin_next=False)
         if self._restore_consumer is not None:
             try:
                 self._restore_consumer.close()
             except (KafkaException, RuntimeError) as exc:
                 log.warning("closing the restore consumer: %s", exc)
 
-    def abort_open(self) -> None:
-        """Abort the open transaction without beginning another (close)."""
-        if self.transactional and self._in_txn:
-            self._in_txn = False
-            try:
-                self.producer.abort_transaction(self._txn_timeout_s())
-            except KafkaException as exc:
-                log.error("aborting the transaction failed: %s", exc)

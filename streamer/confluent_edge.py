@@ -41,7 +41,12 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from streamer.confluent_changelog import ConfluentChangelogMixin, transactional_config
+from streamer.confluent_changelog import (
+    FENCED_CODES,
+    ConfluentChangelogMixin,
+    transactional_config,
+)
+from streamer.edge import STALL_S, EdgeBase
 from streamer.errors import ConfigError, KafkaEdgeError, KafkaUnavailable
 from streamer.events import Message
 from streamer.settings import StreamerSettings
@@ -57,7 +62,6 @@ RefusedCallback = Callable[[Record, object, Exception, bool], Record | None]
 _IDLE_COMMIT_S = 1.0  # while idle, pending offsets are committed again at most this often
 _IDLE_POLL_S = 0.1  # longest wait for a first record; the loop heartbeats in between
 _WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
-STALL_S = 2.0  # a flush waiting longer than this makes the service not ready until it ends
 ASSIGNORS = {"sticky": "cooperative-sticky", "range": "range", "roundrobin": "roundrobin"}
 # Errors retrying cannot fix: settings, credentials or the data must change first.
 FATAL_CODES = {
@@ -67,6 +71,7 @@ FATAL_CODES = {
     KafkaError.UNSUPPORTED_VERSION, KafkaError.UNSUPPORTED_SASL_MECHANISM,
     KafkaError.INVALID_GROUP_ID, KafkaError.INVALID_SESSION_TIMEOUT, KafkaError.TOPIC_EXCEPTION,
     KafkaError.FENCED_INSTANCE_ID, KafkaError.MSG_SIZE_TOO_LARGE, KafkaError._FATAL,
+    *FENCED_CODES,
 }
 # Refusals of the record itself (size, format, policy): sending it again cannot succeed.
 REFUSED_CODES = {
@@ -95,8 +100,7 @@ def librdkafka_config(settings: StreamerSettings) -> dict[str, Any]:
     """Connection and security settings under librdkafka's names (shared by both clients)."""
     conf: dict[str, Any] = {"bootstrap.servers": settings.bootstrap_servers,
                             "security.protocol": settings.security_protocol.lower()}
-    mechanism = getattr(settings, "sasl_mechanism", None)
-    if mechanism == "OAUTHBEARER":
+    if settings.sasl_mechanism == "OAUTHBEARER":
         raise ConfigError("sasl_mechanism", "OAUTHBEARER is only supported with "
                           "kafka_client=kafka-python")
     names = {"sasl_mechanism": "sasl.mechanism", "sasl_username": "sasl.username",
@@ -109,7 +113,7 @@ def librdkafka_config(settings: StreamerSettings) -> dict[str, Any]:
             continue
         secret = getattr(value, "get_secret_value", None)
         conf[name] = secret() if callable(secret) else str(value)
-    if getattr(settings, "ssl_check_hostname", True) is False:
+    if not settings.ssl_check_hostname:
         conf["ssl.endpoint.identification.algorithm"] = "none"
     return conf
 
@@ -126,7 +130,7 @@ def _messages(msgs: list[Any]) -> list[Message]:
     return list(map(tuple.__new__, repeat(Message), fields))
 
 
-class ConfluentEdge(ConfluentChangelogMixin):
+class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
     """One consumer-group member and one idempotent producer on librdkafka.
 
     ``stop`` (optional) is the service's stop event: once set, waits are cut to what is left of
@@ -149,23 +153,13 @@ class ConfluentEdge(ConfluentChangelogMixin):
         changelog_topic: str | None = None,
         on_committed: Callable[[], None] | None = None,
     ) -> None:
-        self.settings = settings
-        self.topic = settings.input_topic
-        self.on_assign = on_assign
-        self.on_revoke = on_revoke
-        self.on_gap = on_gap or (lambda partition, n: None)
-        self.on_dropped = on_dropped or (lambda n: None)
-        self.on_commit_failed = on_commit_failed or (lambda reason: None)
-        self.on_committed = on_committed  # a commit succeeded (asynchronous: inside poll)
-        self.stop = stop or threading.Event()
-        self.beat = beat or (lambda: None)
+        super().__init__(settings, on_assign, on_revoke, on_gap, on_dropped, on_commit_failed,
+                         on_committed, stop, beat, on_stall)
         self.on_refused = on_refused
-        self.on_stall = on_stall or (lambda reason: None)
         self._refused: list[tuple[Record, object, KafkaError, bool]] = []
         # (topic, key, value, origin, final) of records sent since the last flush
         self._pending: list[tuple[str, bytes | None, bytes | None, object, bool]] = []
         self.generation = 0  # bumped by every rebalance callback
-        self._drain_deadline: float | None = None
         self._owned: set[int] = set()
         self._eager_revoked: set[int] = set()
         self._next_offset: dict[int, int] = {}  # partition -> next offset to read
@@ -175,7 +169,7 @@ class ConfluentEdge(ConfluentChangelogMixin):
         self._failures: list[KafkaError] = []
         self._init_changelog(on_revoking, changelog_topic)
         base = librdkafka_config(settings)
-        assignor = ASSIGNORS[getattr(settings, "partition_assignor", "sticky")]
+        assignor = ASSIGNORS[settings.partition_assignor]
         self._cooperative = assignor == "cooperative-sticky"
         consumer_conf: dict[str, Any] = {
             **base,
@@ -186,7 +180,7 @@ class ConfluentEdge(ConfluentChangelogMixin):
             "auto.offset.reset": settings.auto_offset_reset,
             "fetch.wait.max.ms": settings.fetch_max_wait_ms,
             "partition.assignment.strategy": assignor,
-            "isolation.level": getattr(settings, "isolation_level", "read_uncommitted"),
+            "isolation.level": settings.isolation_level,
             "session.timeout.ms": 10_000,  # kafka-python's default (librdkafka's is 45 s)
             "on_commit": self._on_commit,
             "error_cb": self._on_error,
@@ -211,13 +205,10 @@ class ConfluentEdge(ConfluentChangelogMixin):
             "error_cb": self._on_error,
             **transactional_config(settings),
         }
-        compression = getattr(settings, "output_compression", None)
-        if compression not in (None, "none"):
-            producer_conf["compression.type"] = compression
-        if getattr(settings, "max_request_size", None) is not None:
-            producer_conf["message.max.bytes"] = settings.max_request_size  # type: ignore[attr-defined]
-        if getattr(settings, "request_timeout_ms", None) is not None:
-            producer_conf["request.timeout.ms"] = settings.request_timeout_ms  # type: ignore[attr-defined]
+        if settings.output_compression not in (None, "none"):
+            producer_conf["compression.type"] = settings.output_compression
+        producer_conf["message.max.bytes"] = settings.max_request_size
+        producer_conf["request.timeout.ms"] = settings.request_timeout_ms
         self._fatal: KafkaError | None = None
         self._all_down = False  # librdkafka reported every broker down; cleared once one answers
         try:
@@ -459,7 +450,7 @@ class ConfluentEdge(ConfluentChangelogMixin):
 
     def _produce_when_room(self, topic: str, key: bytes | None, value: bytes | None,
                            headers: Headers | None) -> None:
-        deadline = self._deadline(getattr(self.settings, "flush_timeout_s", 30.0))
+        deadline = self._deadline(self.settings.flush_timeout_s)
         while True:
             self.producer.poll(0.01)
             try:
@@ -491,7 +482,7 @@ class ConfluentEdge(ConfluentChangelogMixin):
         sent, self._sent = self._sent, 0
         if not sent and not self._failures:
             return
-        deadline = self._deadline(getattr(self.settings, "flush_timeout_s", 30.0))
+        deadline = self._deadline(self.settings.flush_timeout_s)
         started = time.monotonic()
         while True:
             deadline = self._cap(deadline)
@@ -551,17 +542,6 @@ class ConfluentEdge(ConfluentChangelogMixin):
             return False
         return not self._uncommitted or self.commit_pending(asynchronous=False)
 
-    def _deadline(self, timeout_s: float) -> float:
-        return self._cap(time.monotonic() + timeout_s)
-
-    def _cap(self, deadline: float) -> float:
-        if self.stop.is_set():
-            if self._drain_deadline is None:
-                drain = getattr(self.settings, "drain_timeout_s", 10.0)
-                self._drain_deadline = time.monotonic() + drain
-            deadline = min(deadline, self._drain_deadline)
-        return deadline
-
     # --- state -----------------------------------------------------------------------------
 
     def assigned_partitions(self) -> set[int]:
@@ -593,7 +573,7 @@ class ConfluentEdge(ConfluentChangelogMixin):
         self._closed = True
         self.stop.set()
         clean = self._commit_now()
-        deadline = self._deadline(getattr(self.settings, "drain_timeout_s", 10.0))
+        deadline = self._deadline(self.settings.drain_timeout_s)
         left = self.producer.flush(max(deadline - time.monotonic(), 0.0))
         clean = clean and left == 0
         try:

@@ -17,6 +17,8 @@ Usage::
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -58,6 +60,52 @@ class Edge(Protocol):
     def close(self) -> bool:
         """Flush, commit, leave the group within ``drain_timeout_s``; whether all was clean."""
         ...
+
+
+STALL_S = 2.0  # a flush waiting longer than this makes the service not ready until it ends
+
+
+class EdgeBase:
+    """What both implementations share: the service's callbacks (each optional, a no-op when
+    not given) and the deadlines of blocking waits, cut to ``drain_timeout_s`` once ``stop``
+    is set."""
+
+    def __init__(
+        self,
+        settings: StreamerSettings,
+        on_assign: PartitionCallback,
+        on_revoke: PartitionCallback,
+        on_gap: Callable[[int, int], None] | None = None,
+        on_dropped: Callable[[int], None] | None = None,
+        on_commit_failed: Callable[[str], None] | None = None,
+        on_committed: Callable[[], None] | None = None,
+        stop: threading.Event | None = None,
+        beat: Callable[[], None] | None = None,
+        on_stall: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topic = settings.input_topic
+        self.on_assign = on_assign
+        self.on_revoke = on_revoke
+        self.on_gap = on_gap or (lambda partition, n: None)
+        self.on_dropped = on_dropped or (lambda n: None)
+        self.on_commit_failed = on_commit_failed or (lambda reason: None)
+        self.on_committed = on_committed  # a commit succeeded (asynchronous: inside poll)
+        self.stop = stop or threading.Event()
+        self.beat = beat or (lambda: None)
+        self.on_stall = on_stall or (lambda reason: None)
+        self._drain_deadline: float | None = None
+
+    def _deadline(self, timeout_s: float) -> float:
+        """``now + timeout_s``, cut to the drain deadline once stopping."""
+        return self._cap(time.monotonic() + timeout_s)
+
+    def _cap(self, deadline: float) -> float:
+        if self.stop.is_set():
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+            deadline = min(deadline, self._drain_deadline)
+        return deadline
 
 
 def make_edge(settings: StreamerSettings, on_assign: PartitionCallback,

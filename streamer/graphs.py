@@ -43,7 +43,14 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 
-from streamer.engine import Engine, _nan_bad_rows, _Plan, _restore_bad_rows, _snapshot
+from streamer.engine import (
+    Engine,
+    _finite_rows,
+    _nan_bad_rows,
+    _Plan,
+    _restore_bad_rows,
+    _snapshot,
+)
 from streamer.features import FeatureSpec, compute_features, normalize_steps, to_value
 from streamer.model import LSTMModel
 from streamer.state import StateStore
@@ -81,8 +88,7 @@ def wave_step(
     )
     x = x[:, 0]
     y, h, c = lstm_cells(model, x, h0, c0)
-    ok = torch.isfinite((x * 0).sum(-1) + (y * 0).sum(-1) + (h * 0).sum((0, 2))
-                        + (c * 0).sum((0, 2)))  # exact: v * 0 is NaN for NaN or inf
+    ok = _finite_rows(x[:, None], y[:, None], h, c, valid)
     row = ok[:, None]
     store.h[:, slot] = torch.where(ok[None, :, None], h, h0)
     store.c[:, slot] = torch.where(ok[None, :, None], c, c0)

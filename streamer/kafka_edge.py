@@ -46,6 +46,7 @@ from kafka.partitioner.default import DefaultPartitioner
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
+from streamer.edge import STALL_S, EdgeBase
 from streamer.errors import KafkaEdgeError, KafkaUnavailable
 from streamer.events import Message
 from streamer.kafka_append import appender
@@ -72,11 +73,10 @@ REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError
            CorruptRecordError, PolicyViolationError)
 
 COORDINATOR_GRACE_S = 2.0  # finding the coordinator at start or after a move takes a moment
-STALL_S = 2.0  # a flush waiting longer than this makes the service not ready until it ends
 _WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
 
 
-class KafkaEdge(ChangelogMixin):
+class KafkaEdge(ChangelogMixin, EdgeBase):
     """One consumer-group member and one producer.
 
     ``stop`` (optional) is the service's stop event: once it is set, every wait is cut to what
@@ -102,21 +102,11 @@ class KafkaEdge(ChangelogMixin):
         changelog_topic: str | None = None,
         on_committed: Callable[[], None] | None = None,
     ) -> None:
-        self.settings = settings
-        self.topic = settings.input_topic
-        self.on_assign = on_assign
-        self.on_revoke = on_revoke
-        self.on_gap = on_gap or (lambda partition, n: None)
-        self.on_dropped = on_dropped or (lambda n: None)
-        self.on_commit_failed = on_commit_failed or (lambda reason: None)
-        self.on_committed = on_committed  # an asynchronous commit succeeded (inside poll)
-        self.stop = stop or threading.Event()
+        super().__init__(settings, on_assign, on_revoke, on_gap, on_dropped, on_commit_failed,
+                         on_committed, stop, beat, on_stall)
         self.transactional = settings.processing_guarantee == "exactly_once"
-        self.beat = beat or (lambda: None)
-        self.on_stall = on_stall or (lambda reason: None)
         self.generation = 0  # bumped by every rebalance callback
         self.rebalancing = False  # partitions revoked, new assignment not yet known
-        self._drain_deadline: float | None = None
         self._unacked = False  # a flush gave up with records still unacknowledged
         self._coordinator_missing_since: float | None = None
         self.on_refused = on_refused
@@ -411,17 +401,6 @@ class KafkaEdge(ChangelogMixin):
         self._raise_commit_error()
         succeeded, self._commits_ok = self._commits_ok > 0, 0
         return succeeded and self.on_committed is None
-
-    def _deadline(self, timeout_s: float) -> float:
-        """``now + timeout_s``, cut to the drain deadline once stopping."""
-        return self._cap(time.monotonic() + timeout_s)
-
-    def _cap(self, deadline: float) -> float:
-        if self.stop.is_set():
-            if self._drain_deadline is None:
-                self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
-            deadline = min(deadline, self._drain_deadline)
-        return deadline
 
     def flush(self) -> None:
         """Wait for acks of everything sent, at most ``flush_timeout_s`` (less when draining),

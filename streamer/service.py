@@ -388,7 +388,7 @@ class Service:
             stages.add("engine", step_s)
             if evicted:
                 self.metrics.evicted("capacity", evicted)
-            emitted = self._emit(batch, decoded, preds)
+            emitted = self._emit(batch, decoded, preds, parts)
         t = stages.start()
         if self.recovery is not None:
             self._flush_and_checkpoint(batch)
@@ -422,7 +422,8 @@ class Service:
                 self._update_ready()
                 raise
 
-    def _emit(self, batch: Sequence[Message], decoded: DecodedBatch, preds: np.ndarray) -> int:
+    def _emit(self, batch: Sequence[Message], decoded: DecodedBatch, preds: np.ndarray,
+              parts: list[int]) -> int:
         """Produce one prediction per good event (RFC 8259 JSON: no NaN/Infinity tokens); an
         event whose prediction is not finite (the engine kept its key's state) becomes a dead
         letter. Returns the number of predictions produced."""
@@ -442,11 +443,12 @@ class Service:
                 [("dlq.key", key.encode()), ("dlq.model.version", version.encode())])
         good = list(range(len(decoded.keys))) if finite.all() else np.flatnonzero(finite).tolist()
         msgs = [batch[decoded.index[j]] for j in good]
-        keys = decoded.keys if len(good) == len(decoded.keys) else [decoded.keys[j] for j in good]
+        everything = len(good) == len(decoded.keys)
+        keys = decoded.keys if everything else [decoded.keys[j] for j in good]
         t = self.stages.start()
         values = encode_predictions(
-            keys, [decoded.ts_raw[j] for j in good], [m.partition for m in msgs],
-            [m.offset for m in msgs], preds[good], version, emitted_at,
+            keys, [decoded.ts_raw[j] for j in good], parts if everything else
+            [parts[j] for j in good], [m.offset for m in msgs], preds[good], version, emitted_at,
             None if changes is None else changes[good])
         t = self.stages.lap("encode", t)
         send = self.edge.send

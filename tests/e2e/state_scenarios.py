@@ -8,8 +8,8 @@ uninterrupted in-process run. Shared by the e2e test and benchmarks/bench_state.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,8 +18,6 @@ import time
 import uuid
 from pathlib import Path
 from typing import Protocol
-
-from kafka import KafkaConsumer, TopicPartition
 
 from streamer.broker import EmbeddedBroker
 
@@ -48,6 +46,45 @@ def _process(topics: Topics, artifact_dir: Path, group: str,
          "--max-batch-events", "50"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
+
+
+RESTORED = r"restored partition \d+: \d+ keys up to input offset \d+"  # from a checkpoint
+
+
+class _Output:
+    """A process's log, read line by line as it comes (so a scenario can wait on it)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        self._thread.join(timeout=0)
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not re.search(pattern, self.text()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} not within {timeout_s:.0f} s:\n{self.text()[-3000:]}")
+            time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen[str], out: _Output, sig: int | None) -> str:
+    """Signal ``proc`` (None: SIGKILL), wait for it, return its whole log."""
+    if sig is None:
+        proc.kill()
+    else:
+        proc.send_signal(sig)
+    proc.wait(timeout=60)
+    out._thread.join(timeout=10)
+    return out.text()
 
 
 def scale_out_with_crashes(
@@ -80,60 +117,51 @@ def scale_out_with_crashes(
             time.sleep(0.05)
         fed.set()
 
+    out: dict[str, _Output] = {}
+
+    def start(member: str) -> None:
+        procs[member] = _process(topics, artifact_dir, group, changelog, guarantee,
+                                 client=client)
+        out[member] = _Output(procs[member])
+
+    def took_over(member: str) -> None:
+        """Wait until ``member`` restored partitions it took over (with changelog)."""
+        if changelog:
+            out[member].wait_for(RESTORED, 60, f"{member} restoring from a checkpoint")
+        else:
+            time.sleep(4)
+
     try:
-        procs["A"] = _process(topics, artifact_dir, group, changelog, guarantee, client=client)
+        start("A")
         if not read_topic(topics.bootstrap, topics.output, expect=1, timeout_s=60, settle_s=0):
             raise AssertionError("A never predicted")
         feeder = threading.Thread(target=feed, args=(quarter, 3 * quarter), daemon=True)
         feeder.start()
-        # B joins mid-stream
-        procs["B"] = _process(topics, artifact_dir, group, changelog, guarantee, client=client)
-        time.sleep(4)
-        procs["A"].kill()  # SIGKILL: no drain, no checkpoint
-        logs["A"] = procs["A"].communicate(timeout=30)[0]
-        procs["C"] = _process(topics, artifact_dir, group, changelog, guarantee, client=client)
-        time.sleep(4)
-        procs["B"].send_signal(signal.SIGTERM)
-        logs["B"] = procs["B"].communicate(timeout=60)[0]
+        start("B")  # B joins mid-stream and takes partitions over from A
+        took_over("B")
+        logs["A"] = _stop(procs["A"], out["A"], None)  # SIGKILL: no drain, no checkpoint
+        start("C")
+        took_over("C")
+        logs["B"] = _stop(procs["B"], out["B"], signal.SIGTERM)
         feeder.join(timeout=120)
         coords.extend(produce(topics.bootstrap, topics.input, records[3 * quarter:]))
         outputs = _read_outputs(topics.bootstrap, topics.output, set(coords), timeout_s=90)
-        procs["C"].send_signal(signal.SIGTERM)
-        logs["C"] = procs["C"].communicate(timeout=60)[0]
+        logs["C"] = _stop(procs["C"], out["C"], signal.SIGTERM)
     finally:
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
-                p.communicate()
+                p.wait()
     assert len(coords) == n
     reference, _ = uninterrupted(artifact_dir, records, coords)
     result = compare(outputs, reference)
-    result["restores"] = sum(log.count("restored partition") for log in logs.values())
+    # Restores from a checkpoint (not cold starts) by the members that took partitions over.
+    for member in ("B", "C"):
+        result[f"restores_{member}"] = len(re.findall(RESTORED, logs.get(member, "")))
     if check and (result["missing"] or result["differing"]):
         tail = {k: v[-3000:] for k, v in logs.items()}
         raise AssertionError(f"{result}\n{tail}")
     return result
-
-
-def _read_committed(bootstrap: str, topic: str, expect: set[tuple[int, int]],
-                    timeout_s: float) -> list[dict]:
-    """Predictions a read_committed consumer sees, until every expected offset has one
-    (then 2 s more, to catch a late duplicate)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             fetch_max_wait_ms=50, check_crcs=False,
-                             isolation_level="read_committed")
-    consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)])
-    consumer.seek_to_beginning()
-    out: list[dict] = []
-    deadline = time.monotonic() + timeout_s
-    settle: float | None = None
-    while time.monotonic() < deadline and (settle is None or time.monotonic() < settle):
-        for batch in consumer.poll(timeout_ms=100).values():
-            out.extend(json.loads(r.value) for r in batch)
-        if settle is None and expect <= {(o["partition"], o["offset"]) for o in out}:
-            settle = time.monotonic() + 2
-    consumer.close()
-    return out
 
 
 class Cluster(Protocol):
@@ -174,7 +202,8 @@ def exactly_once_sigkill(
         procs["B"] = _process(topics, artifact_dir, group, True, "exactly_once", "0.2", "r0",
                               client)
         coords.extend(produce(topics.bootstrap, topics.input, records[3 * n // 4:]))
-        outputs = _read_committed(topics.bootstrap, topics.output, set(coords), timeout_s=90)
+        outputs = _read_outputs(topics.bootstrap, topics.output, set(coords), timeout_s=90,
+                                settle_s=2.0, isolation_level="read_committed")
         procs["B"].send_signal(signal.SIGTERM)
         logs["B"] = procs["B"].communicate(timeout=60)[0]
     finally:

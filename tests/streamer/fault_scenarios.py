@@ -167,10 +167,13 @@ class _Writer(threading.Thread):
 
 
 def _read_outputs(bootstrap: str, topic: str, expect: set[tuple[int, int]],
-                  timeout_s: float) -> list[dict[str, Any]]:
-    """Every prediction until each expected input offset has one (then 1 s more)."""
+                  timeout_s: float, settle_s: float = 1.0,
+                  isolation_level: str = "read_uncommitted") -> list[dict[str, Any]]:
+    """Every prediction until each expected input offset has one (then ``settle_s`` more, to
+    catch a late duplicate)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             fetch_max_wait_ms=50, check_crcs=False)
+                             fetch_max_wait_ms=50, check_crcs=False,
+                             isolation_level=isolation_level)
     parts = consumer.partitions_for_topic(topic) or set()
     consumer.assign([TopicPartition(topic, p) for p in parts])
     consumer.seek_to_beginning()
@@ -185,7 +188,7 @@ def _read_outputs(bootstrap: str, topic: str, expect: set[tuple[int, int]],
                 out.append(value)
                 covered.add((value["partition"], value["offset"]))
         if settle is None and expect <= covered:
-            settle = time.monotonic() + 1.0
+            settle = time.monotonic() + settle_s
         if settle is not None and time.monotonic() >= settle:
             break
     consumer.close()
