@@ -81,16 +81,24 @@ class Engine:
         raw, pos, slots, lengths = raw.view(n, r), pos.long(), slots.long(), lengths.long()
         if len(new):
             store.reset(new.long())
-        # Lay events out as [U, T, ...] rows (one per key, longest first), padding at the end.
-        raw_pad = raw.new_zeros(u * width, r).index_copy_(0, pos, raw).view(u, width, r)
-        ts_pad = ts.new_zeros(u * width).index_copy_(0, pos, ts).view(u, width)
-        prev_raw = torch.cat([store.prev_raw[slots].unsqueeze(1), raw_pad[:, :-1]], dim=1)
-        prev_ts = torch.cat([store.prev_ts[slots].unsqueeze(1), ts_pad[:, :-1]], dim=1)
-        has_prev = torch.ones(u, width, dtype=torch.bool, device=raw.device)
-        has_prev[:, 0] = store.has_prev[slots]
+        dense = width == 1  # every key once: row u is event u (pos is 0..n-1), no padding
+        if dense:
+            raw_pad, ts_pad = raw.view(u, 1, r), ts.view(u, 1)
+            prev_raw = store.prev_raw[slots].unsqueeze(1)
+            prev_ts = store.prev_ts[slots].unsqueeze(1)
+            has_prev = store.has_prev[slots].unsqueeze(1)
+        else:
+            # Lay events out as [U, T, ...] rows (one per key, longest first), padding at the end.
+            raw_pad = raw.new_zeros(u * width, r).index_copy_(0, pos, raw).view(u, width, r)
+            ts_pad = ts.new_zeros(u * width).index_copy_(0, pos, ts).view(u, width)
+            prev_raw = torch.cat([store.prev_raw[slots].unsqueeze(1), raw_pad[:, :-1]], dim=1)
+            prev_ts = torch.cat([store.prev_ts[slots].unsqueeze(1), ts_pad[:, :-1]], dim=1)
+            has_prev = torch.ones(u, width, dtype=torch.bool, device=raw.device)
+            has_prev[:, 0] = store.has_prev[slots]
         spec = self.spec
         feats = compute_features(spec, raw_pad, ts_pad, prev_raw, prev_ts, has_prev, torch.float64)
-        valid = torch.arange(width, device=raw.device)[None, :] < lengths[:, None]
+        valid = (torch.ones(u, 1, dtype=torch.bool, device=raw.device) if dense
+                 else torch.arange(width, device=raw.device)[None, :] < lengths[:, None])
         x, loc, scale, stats, count = normalize_steps(
             spec, feats, raw_pad, prev_raw, has_prev, store.stats[slots], store.count[slots], valid
         )
@@ -99,24 +107,31 @@ class Engine:
             enforce_sorted=True,
         )
         # State guard: a key whose step is not finite keeps its state (see _finite_rows).
-        ok = _finite_rows(x, y, h, c, valid)
-        saved = None if bool(ok.all()) else _snapshot(store, slots)  # rare: copy to restore
+        ok = None if dense and _all_finite(x, y, h, c) else _finite_rows(x, y, h, c, valid)
+        saved = None if ok is None or bool(ok.all()) else _snapshot(store, slots)  # rare
         store.h[:, slots] = h
         store.c[:, slots] = c
         store.stats[slots] = stats
         store.count[slots] = count
-        last = torch.arange(u, device=raw.device) * width + lengths - 1  # [U] flat index
-        store.prev_raw[slots] = raw_pad.view(u * width, r)[last]
-        store.prev_ts[slots] = ts_pad.view(-1)[last]
+        if dense:
+            store.prev_raw[slots] = raw
+            store.prev_ts[slots] = ts
+        else:
+            last = torch.arange(u, device=raw.device) * width + lengths - 1  # [U] flat index
+            store.prev_raw[slots] = raw_pad.view(u * width, r)[last]
+            store.prev_ts[slots] = ts_pad.view(-1)[last]
         store.has_prev[slots] = True
         self._append_window(x.view(u * width, -1), window_pos.long(), slots, lengths, width)
         if saved is not None:
+            assert ok is not None
             _restore_bad_rows(store, slots, saved, ok)
-        out = self.model.to_prediction(y.view(u * width, -1)[pos])
+        y, loc, scale = y.view(u * width, -1), loc.view(-1), scale.view(-1)
+        if not dense:  # back to input order
+            y, loc, scale = y[pos], loc[pos], scale[pos]
+        out = self.model.to_prediction(y)
         col = spec.target_raw_column
         if self.model.config.task != "classification" and col is not None:
-            value = to_value(spec, out[:, 0].double(), raw[:, col], loc.view(-1)[pos],
-                             scale.view(-1)[pos])
+            value = to_value(spec, out[:, 0].double(), raw[:, col], loc, scale)
             out = value.to(torch.float32).unsqueeze(-1)
         return out if saved is None else _nan_bad_rows(out, ok[pos // width])
 
@@ -127,6 +142,11 @@ class Engine:
         """Ring-buffer each key's last W features of the batch (chosen on the host, so no
         data-dependent mask syncs the device here)."""
         store, w = self.store, self.store.window
+        if width == 1:  # every key once: its one event goes to its next ring position
+            store.win[slots, store.win_next[slots]] = x
+            store.win_next[slots] = (store.win_next[slots] + 1) % w
+            store.win_len[slots] = torch.clamp(store.win_len[slots] + 1, max=w)
+            return
         row, col = window_pos // width, window_pos % width
         slot = slots[row]
         store.win[slot, (store.win_next[slot] + col) % w] = x[window_pos]
@@ -215,6 +235,13 @@ def _finite_rows(
     steps = (x.view(u, width, -1) * 0).sum(-1) + (y.view(u, width, -1) * 0).sum(-1)
     steps = torch.where(valid, steps, 0.0).sum(1)  # padding may hold anything
     return torch.isfinite(steps + (h * 0).sum((0, 2)) + (c * 0).sum((0, 2)))
+
+
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    """True when every element of ``tensors`` is finite: a NaN or inf anywhere makes its sum
+    non-finite, so one finite sum proves them all (one host sync). A sum that overflows is a
+    false alarm the caller settles with the exact per-row check (:func:`_finite_rows`)."""
+    return bool(torch.isfinite(sum(t.sum(dtype=torch.float64) for t in tensors)))
 
 
 def _restore_bad_rows(

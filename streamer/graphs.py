@@ -41,7 +41,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 
 from streamer.engine import (
     Engine,
@@ -87,7 +86,7 @@ def wave_step(
         spec, feats, raw[:, None], prev_raw[:, None], has_prev[:, None], stats0, count0, valid
     )
     x = x[:, 0]
-    y, h, c = lstm_cells(model, x, h0, c0)
+    y, h, c = model.step(x, h0, c0)
     ok = _finite_rows(x[:, None], y[:, None], h, c, valid)
     row = ok[:, None]
     store.h[:, slot] = torch.where(ok[None, :, None], h, h0)
@@ -106,26 +105,6 @@ def wave_step(
         value = to_value(spec, out[:, 0].double(), raw[:, col], loc[:, 0], scale[:, 0])
         out = value.to(torch.float32).unsqueeze(-1)
     return {"pred": out, "ok": ok}
-
-
-def lstm_cells(
-    model: LSTMModel, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The stacked LSTM cell of ``model.lstm`` written out (gate order i, f, g, o as in
-    ``torch.nn.LSTM``), then the head. x [B, F] float32; h0, c0 [L, B, H] -> y [B, out], h, c."""
-    lstm, inp = model.lstm, model.normalize(x)
-    hs, cs = [], []
-    for layer in range(model.config.num_layers):
-        gates = (nnf.linear(inp, getattr(lstm, f"weight_ih_l{layer}"),
-                            getattr(lstm, f"bias_ih_l{layer}"))
-                 + nnf.linear(h0[layer], getattr(lstm, f"weight_hh_l{layer}"),
-                              getattr(lstm, f"bias_hh_l{layer}")))
-        i, f, g, o = gates.chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c0[layer] + torch.sigmoid(i) * torch.tanh(g)
-        inp = torch.sigmoid(o) * torch.tanh(c)
-        hs.append(inp)
-        cs.append(c)
-    return model.head(inp), torch.stack(hs), torch.stack(cs)
 
 
 class _Bucket:

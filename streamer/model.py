@@ -1,8 +1,11 @@
 """The stacked LSTM with a linear head, and its two ways of running.
 
 ``forward_padded`` runs whole (padded, variable-length) sequences; ``step`` advances a batch of
-keys by one event. Both go through the same ``nn.LSTM`` so the incremental path equals the full
-sequence path (proved in tests). Normalization lives in buffers so an artifact carries it.
+keys by one event. ``step`` runs the weights of the same ``nn.LSTM`` one layer at a time through
+``torch.lstm_cell`` (the gate arithmetic ``nn.LSTM`` documents: i, f, g, o), so the incremental
+path equals the full sequence path (proved in tests): one op per layer instead of the module's
+fused kernel, which on the CPU costs ~100 us per call whatever the batch. Normalization lives in
+buffers so an artifact carries it.
 
 Usage::
 
@@ -25,6 +28,10 @@ from streamer.features import FeatureSpec
 
 Task = Literal["regression", "classification"]
 CLASSES: tuple[str, ...] = ("down", "flat", "up")
+# Up to this many rows, a one-event-per-row inference batch runs through ``step`` (cells) rather
+# than the fused kernel: measured on the 2-core CPU (H=64, L=2), cells take 75 us at 1 row vs
+# 225 us, and the two meet near 512 rows (benchmarks/bench_engine.py).
+CELL_ROWS = 512
 
 
 class ModelConfig(BaseModel):
@@ -101,6 +108,9 @@ class LSTMModel(nn.Module):
         enforce_sorted: bool = False,  # True: rows already sorted by length, longest first
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Variable-length sequences in one call; h, c come back at each row's own last step."""
+        if x.shape[1] == 1 and x.shape[0] <= CELL_ROWS and not torch.is_grad_enabled():
+            y, h_n, c_n = self.step(x[:, 0], h, c)  # one event per row: the cheap small path
+            return y.unsqueeze(1), h_n, c_n
         if int(lengths.min()) == x.shape[1]:
             # Every row is full (e.g. each key once in a batch, or full re-warm windows): the
             # dense kernel is several times faster than the packed one on the CPU.
@@ -116,9 +126,18 @@ class LSTMModel(nn.Module):
     def step(
         self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One event for each of B keys. x: [B, F]; h, c: [L, B, H] -> y [B, out], h, c."""
-        out, (h_n, c_n) = self.lstm(self.normalize(x).unsqueeze(1), (h, c))
-        return self.head(out.squeeze(1)), h_n, c_n
+        """One event for each of B keys. x: [B, F]; h, c: [L, B, H] -> y [B, out], h, c.
+
+        The stacked cell of ``self.lstm`` layer by layer (``torch.lstm_cell``, its weights and
+        gate order; eval mode: no dropout between layers), then the head. No host sync and every shape fixed by B, so a CUDA graph
+        can capture it (``streamer.graphs``)."""
+        inp = self.normalize(x)
+        hs, cs = [], []
+        for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.lstm.all_weights):
+            inp, c_l = torch.lstm_cell(inp, (h[layer], c[layer]), w_ih, w_hh, b_ih, b_hh)
+            hs.append(inp)
+            cs.append(c_l)
+        return self.head(inp), torch.stack(hs), torch.stack(cs)
 
     def to_prediction(self, y: torch.Tensor) -> torch.Tensor:
         """Head output to the model-space target (for a spec without per-key normalization and

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from streamer.engine import Engine
+from streamer.engine import _GUARDED, Engine
 from streamer.features import default_spec
 from streamer.state import StateStore
 
@@ -80,6 +80,30 @@ def test_engine_equals_reference_for_every_target_kind(target_kind: str) -> None
     assert np.isfinite(expected).all()
 
 
+@pytest.mark.parametrize("n_keys", [40, 600])  # below and above model.CELL_ROWS
+@pytest.mark.parametrize("target_kind", ["level", "log_return"])
+def test_batches_of_distinct_keys_equal_the_reference(n_keys: int, target_kind: str) -> None:
+    """Batches holding each key once (light traffic: the engine's dense path, through the
+    per-layer cells up to CELL_ROWS rows and the fused kernel above) equal the per-key full
+    sequence, with per-key normalization, every extra feature and a key's first events."""
+    rng = np.random.default_rng(n_keys)
+    spec = default_spec("generic", n_features=4, target="v1", extras=("diff", "dt", "hour"),
+                        half_life=4.0, target_kind=target_kind)  # type: ignore[arg-type]
+    model = make_model(spec=spec, seed=5)
+    rounds = 6
+    keys = [f"k{int(i)}" for _ in range(rounds) for i in rng.permutation(n_keys)]
+    raw = 50.0 + np.cumsum(rng.normal(size=(len(keys), 4)), axis=0) * 0.1
+    ts = 1.7e9 + np.cumsum(rng.exponential(30.0, size=len(keys)))
+    engine = Engine(model, _store(model, capacity=1024))
+    got = []
+    for lo in range(0, len(keys), n_keys):  # each batch: every key once
+        hi = lo + n_keys
+        got.append(engine.process(keys[lo:hi], [0] * n_keys, raw[lo:hi], ts[lo:hi], 0.0)[0])
+    expected = reference_predictions(model, keys, raw, ts)
+    assert_close(np.concatenate(got), expected, atol=1e-5, rtol=1e-5)
+    assert np.isfinite(expected).all()
+
+
 def test_whole_stream_in_one_batch_equals_one_event_batches() -> None:
     rng = np.random.default_rng(5)
     model = make_model()
@@ -114,15 +138,16 @@ def test_classification_outputs_probabilities() -> None:
     assert_close(preds.sum(1), np.ones(3, dtype=np.float32))
 
 
+@pytest.mark.parametrize("batch", [37, 1])  # keys repeat in a batch / the dense path
 @pytest.mark.parametrize("window", [4, 32])
-def test_rewarm_equals_fresh_replay_of_buffered_window(window: int) -> None:
+def test_rewarm_equals_fresh_replay_of_buffered_window(window: int, batch: int) -> None:
     rng = np.random.default_rng(3)
     model = make_model(seed=1)
     keys, raw, ts = _random_stream(rng, 400, 20, "generic")
     engine = Engine(model, _store(model, window=window))
-    for lo in range(0, 400, 37):
-        engine.process(keys[lo:lo + 37], [0] * len(keys[lo:lo + 37]), raw[lo:lo + 37],
-                       ts[lo:lo + 37], 0.0)
+    for lo in range(0, 400, batch):
+        engine.process(keys[lo:lo + batch], [0] * len(keys[lo:lo + batch]), raw[lo:lo + batch],
+                       ts[lo:lo + batch], 0.0)
     new_model = make_model(seed=2)
     rewarmed = engine.swap_model(new_model, "rewarm")
     assert rewarmed == len(set(keys))
@@ -148,6 +173,34 @@ def test_swap_reset_and_keep_policies() -> None:
     assert not engine.store.h.any()
     with pytest.raises(ValueError, match="state shape"):
         engine.swap_model(make_model(hidden=8), "keep")
+
+
+def test_an_overflowing_key_in_a_batch_of_distinct_keys_keeps_its_state() -> None:
+    """State guard on the dense path (each key once in the batch): key a's overflowing event
+    leaves all of a's state as it was and its prediction NaN; b advances as usual."""
+    spec = default_spec("generic", n_features=4).with_stats([0.0] * 4, [1e-3] * 4)
+    model = _make_model(spec=spec, seed=7, device=TEST_DEVICE)
+    engine = Engine(model, _store(model))
+    store = engine.store
+    good = np.array([[0.5, -1.0, 2.0, 0.25]])
+    engine.process(["a", "b"], [0, 0], np.vstack([good, good]), np.array([1.0, 1.0]), 0.0)
+    slot_a = int(store.assign(["a"], np.array([0]), 0.0)[0][0])
+    before = {n: getattr(store, n)[slot_a].clone() for n in _GUARDED}
+    h_a, c_a = store.h[:, slot_a].clone(), store.c[:, slot_a].clone()
+    bad = np.array([[3e38, -3e38, 3e38, -3e38]])
+    preds, _ = engine.process(["a", "b"], [0, 0], np.vstack([bad, good]), np.array([2.0, 2.0]),
+                              0.0)
+    assert np.isnan(preds[0]).all() and np.isfinite(preds[1]).all()
+    assert_close(store.h[:, slot_a], h_a)
+    assert_close(store.c[:, slot_a], c_a)
+    for name, value in before.items():
+        assert torch.equal(getattr(store, name)[slot_a], value), name
+    expected = reference_predictions(model, ["b", "b"], np.vstack([good, good]),
+                                     np.array([1.0, 2.0]))
+    np.testing.assert_allclose(preds[1], expected[1], rtol=1e-5, atol=1e-6)
+    nxt, _ = engine.process(["a"], [0], good, np.array([5.0]), 0.0)
+    ref = reference_predictions(model, ["a", "a"], np.vstack([good, good]), np.array([1.0, 5.0]))
+    np.testing.assert_allclose(nxt[0], ref[1], rtol=1e-5, atol=1e-6)
 
 
 def test_a_key_whose_step_overflows_keeps_its_state_while_others_advance() -> None:
