@@ -27,8 +27,6 @@ from typing import Any, ClassVar, Protocol, TypeVar
 from streamer.events import Message
 from streamer.settings import StreamerSettings
 
-log = logging.getLogger(__name__)
-
 PartitionCallback = Callable[[set[int]], None]
 Headers = list[tuple[str, bytes]]
 Record = tuple[str, bytes | None, bytes | None, Headers | None]  # topic, key, value, headers
@@ -121,6 +119,7 @@ class EdgeBase:
         self.beat = beat or (lambda: None)
         self.on_stall = on_stall or (lambda reason: None)
         self._drain_deadline: float | None = None
+        self._log = logging.getLogger(type(self).__module__)  # the client module's logger
         self._next_offset: dict[int, int] = {}  # partition -> next offset we expect to read
         self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
 
@@ -208,16 +207,16 @@ class EdgeBase:
         try:
             low = self._log_start(partition)
         except self.CLIENT_ERRORS as exc:
-            log.warning("offsets %d..%d of %s[%d] were not returned and the log start cannot "
-                        "be read (%s); not counted as lost", expected, first_offset - 1,
-                        self.topic, partition, exc)
+            self._log.warning("offsets %d..%d of %s[%d] were not returned and the log start cannot "
+                              "be read (%s); not counted as lost", expected,
+                              first_offset - 1, self.topic, partition, exc)
             return
         if low is None or low <= expected:
-            log.debug("%s[%d]: offsets %d..%d were control records, aborted or compacted",
-                      self.topic, partition, expected, first_offset - 1)
+            self._log.debug("%s[%d]: offsets %d..%d were control records, aborted or "
+                            "compacted", self.topic, partition, expected, first_offset - 1)
             return
         skipped = min(low, first_offset) - expected
-        log.warning(
+        self._log.warning(
             "SKIPPED %d offsets on %s[%d] (%d..%d): the broker deleted them (retention) before "
             "they were read; those events were NOT processed",
             skipped, self.topic, partition, expected, expected + skipped - 1,
