@@ -16,7 +16,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from streamer.errors import ConfigError, StreamerError
-from streamer.settings import StreamerSettings, add_settings_arguments, settings_from_args
+from streamer.settings import (
+    StreamerSettings,
+    add_settings_arguments,
+    env_prefix,
+    settings_from_args,
+)
 
 log = logging.getLogger("streamer")
 
@@ -114,6 +119,12 @@ BENCH_OWNS = {"bootstrap_servers", "model", "group_id", "input_topic", "output_t
               "dlq_topic", "device", "kafka_client", "metrics_address"}
 
 
+def _how_to_set_for_bench(field: str) -> str:
+    """How a streamer setting is given to ``streamer bench`` (its env var still applies)."""
+    return f"(streamer bench --set {field}=VALUE, or env {env_prefix(StreamerSettings)}" \
+        f"{field.upper()})"
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
     from streamer.bench import BenchConfig, run_bench
     from streamer.model import resolve_device
@@ -142,7 +153,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     resolve_device(ns.device)  # before anything runs: ConfigError when it is not there
     # The streamer's settings as the bench will build them, checked before the relay runs.
     load_settings(StreamerSettings, {"bootstrap_servers": "127.0.0.1:9", "device": ns.device,
-                                     "kafka_client": clients[0], **dict(overrides)})
+                                     "kafka_client": clients[0], **dict(overrides)},
+                  how_to_set=_how_to_set_for_bench)
     run_bench(BenchConfig(
         keys=ns.keys, events=ns.events, rate=ns.rate, seconds=ns.seconds,
         partitions=ns.partitions, brokers=ns.brokers, clients=clients, device=ns.device,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +32,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from streamer.edge import ChangelogRecord, Headers, transactional_id
 from streamer.errors import KafkaEdgeError, KafkaUnavailable
 from streamer.events import Message
 from streamer.settings import StreamerSettings
@@ -59,14 +59,10 @@ def _error(what: str, exc: KafkaException) -> KafkaEdgeError:
 
 
 def transactional_config(settings: StreamerSettings) -> dict[str, Any]:
-    """Producer settings of exactly-once (librdkafka names). The transactional id should be
-    stable per replica: initialising it fences a predecessor with the same id and aborts its
-    open transaction (same choice of id as the kafka-python edge)."""
-    if settings.processing_guarantee != "exactly_once":
-        return {}
-    tid = (settings.transactional_id or settings.group_instance_id
-           or f"{settings.group_id}-{uuid.uuid4().hex}")
-    return {"transactional.id": tid}
+    """Producer settings of exactly-once under librdkafka's names (the id:
+    :func:`streamer.edge.transactional_id`, the same as the kafka-python edge's)."""
+    tid = transactional_id(settings)
+    return {} if tid is None else {"transactional.id": tid}
 
 
 class ConfluentChangelogMixin:
@@ -76,6 +72,8 @@ class ConfluentChangelogMixin:
     producer: Producer
     beat: Callable[[], None]
     on_dropped: Callable[[int], None]
+    _deadline: Callable[[float], float]
+    _cap: Callable[[float], float]
     _next_offset: dict[int, int]
     _uncommitted: dict[int, int]
     _sent: int
@@ -140,7 +138,7 @@ class ConfluentChangelogMixin:
             self._begin()
 
     def send_changelog(self, partition: int, key: bytes, value: bytes | None,
-                       headers: list[tuple[str, bytes]] | None = None) -> None:
+                       headers: Headers | None = None) -> None:
         """Buffer one record for changelog ``partition`` (co-partitioned with the input)."""
         assert self.changelog_topic is not None
         self._begin()
@@ -148,21 +146,30 @@ class ConfluentChangelogMixin:
             self.producer.produce(self.changelog_topic, value, key, partition=partition,
                                   headers=headers)  # type: ignore[arg-type]
         except BufferError:  # the local queue is full: serve acks until there is room
-            deadline = time.monotonic() + self.settings.flush_timeout_s
-            while True:
-                self.producer.poll(0.01)
-                try:
-                    self.producer.produce(self.changelog_topic, value, key, partition=partition,
-                                          headers=headers)  # type: ignore[arg-type]
-                    break
-                except BufferError:
-                    if time.monotonic() >= deadline:
-                        raise KafkaUnavailable(f"produce to {self.changelog_topic}: local "
-                                               "queue full") from None
-                    self.beat()
+            self._produce_when_room(self.changelog_topic, value, key, partition=partition,
+                                    headers=headers)
         except KafkaException as exc:
             raise _error(f"produce to {self.changelog_topic} failed", exc) from exc
         self._sent += 1
+
+    def _produce_when_room(self, topic: str, value: bytes | None, key: bytes | None,
+                           **kwargs: Any) -> None:
+        """``producer.produce(topic, value, key, **kwargs)`` again after it raised BufferError
+        (librdkafka's local queue is full): serves delivery reports (``producer.poll``) and
+        beats liveness until there is room, within ``flush_timeout_s`` cut to the drain
+        deadline (also when ``stop`` is set meanwhile). Raises KafkaUnavailable when no room
+        came in time; KafkaException as ``produce`` does."""
+        deadline = self._deadline(self.settings.flush_timeout_s)
+        while True:
+            self.producer.poll(0.01)
+            try:
+                self.producer.produce(topic, value, key, **kwargs)
+                return
+            except BufferError:
+                deadline = self._cap(deadline)  # a SIGTERM meanwhile shortens the wait
+                if time.monotonic() >= deadline:
+                    raise KafkaUnavailable(f"produce to {topic}: local queue full") from None
+                self.beat()
 
     def commit_offsets(self, offsets: dict[int, int]) -> bool:
         """Commit these next-to-process offsets (a checkpoint's markers); whether the commit
@@ -273,7 +280,7 @@ class ConfluentChangelogMixin:
 
     def read_changelog(
         self, partitions: set[int]
-    ) -> Iterator[tuple[int, bytes | None, bytes | None, list[tuple[str, bytes]] | None]]:
+    ) -> Iterator[ChangelogRecord]:
         """Every record of these changelog partitions from the log start to the high
         watermark read now, through a consumer that joins no group (assign from the
         beginning, consume until each partition reaches its end offset or its end of

@@ -46,22 +46,16 @@ from streamer.confluent_changelog import (
     ConfluentChangelogMixin,
     transactional_config,
 )
-from streamer.edge import STALL_S, EdgeBase
+from streamer.edge import EdgeBase, Headers, PartitionCallback, Record, RefusedCallback
 from streamer.errors import ConfigError, KafkaEdgeError, KafkaUnavailable
 from streamer.events import Message
 from streamer.settings import StreamerSettings
 
 log = logging.getLogger(__name__)
 
-PartitionCallback = Callable[[set[int]], None]
-Headers = list[tuple[str, bytes]]
-Record = tuple[str, bytes | None, bytes | None, Headers | None]  # topic, key, value, headers
-# (record, origin given to send(), error, final) -> a replacement to send, or None
-RefusedCallback = Callable[[Record, object, Exception, bool], Record | None]
 
 _IDLE_COMMIT_S = 1.0  # while idle, pending offsets are committed again at most this often
 _IDLE_POLL_S = 0.1  # longest wait for a first record; the loop heartbeats in between
-_WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
 ASSIGNORS = {"sticky": "cooperative-sticky", "range": "range", "roundrobin": "roundrobin"}
 # Errors retrying cannot fix: settings, credentials or the data must change first.
 FATAL_CODES = {
@@ -137,6 +131,8 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
     ``drain_timeout_s``; ``beat`` is called at least every 0.5 s while a wait blocks.
     """
 
+    CLIENT_ERRORS = (KafkaException,)
+
     def __init__(
         self,
         settings: StreamerSettings,
@@ -162,8 +158,6 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
         self.generation = 0  # bumped by every rebalance callback
         self._owned: set[int] = set()
         self._eager_revoked: set[int] = set()
-        self._next_offset: dict[int, int] = {}  # partition -> next offset to read
-        self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
         self._sent = 0
         self._commit_issued = 0.0  # time.monotonic() of the last commit issued
         self._failures: list[KafkaError] = []
@@ -228,7 +222,7 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
         if not self._cooperative:
             lost, self._eager_revoked = self._eager_revoked - added, set()
             if lost:
-                self._forget(lost)
+                self.forget(lost)
                 self.on_revoke(lost)
             # Eager: everything was revoked first; a partition that came back resumes after
             # the last record read (those before were committed on revocation or are in the
@@ -278,13 +272,8 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
         if not self._cooperative:  # eager: what is lost is known at the next assignment
             self._eager_revoked |= revoked
             return
-        self._forget(revoked)
+        self.forget(revoked)
         self.on_revoke(revoked)
-
-    def _forget(self, partitions: set[int]) -> None:
-        for p in partitions:
-            self._next_offset.pop(p, None)
-            self._uncommitted.pop(p, None)
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -366,39 +355,20 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
                 _raise("poll failed", err)
         return _messages([m for m in msgs if m.error() is None])
 
-    def _check_gap(self, partition: int, offset: int) -> None:
-        expected = self._next_offset.get(partition)
-        if expected is not None and offset > expected:
-            try:
-                low, _ = self.consumer.get_watermark_offsets(
-                    TopicPartition(self.topic, partition), timeout=1.0)
-            except KafkaException:
-                return
-            if low > expected:
-                skipped = min(low, offset) - expected
-                log.warning("SKIPPED %d offsets on %s[%d] (%d..%d): the broker deleted them "
-                            "(retention) before they were read; those events were NOT "
-                            "processed", skipped, self.topic, partition, expected,
-                            expected + skipped - 1)
-                self.on_gap(partition, skipped)
+    def _log_start(self, partition: int) -> int | None:
+        low, _ = self.consumer.get_watermark_offsets(TopicPartition(self.topic, partition),
+                                                     timeout=1.0)
+        return low
 
     def _check_fatal(self) -> None:
         if self._fatal is not None:
             raise KafkaEdgeError(f"fatal Kafka error: {self._fatal.name()}: {self._fatal.str()}")
 
-    def rewind(self, batch: Sequence[Message]) -> None:
-        """Seek each owned partition of ``batch`` back to its first record (re-delivery)."""
-        first: dict[int, int] = {}
-        for m in batch:
-            first[m.partition] = min(first.get(m.partition, m.offset), m.offset)
-        for partition, offset in first.items():
-            if partition in self._owned:
-                try:
-                    self.consumer.seek(TopicPartition(self.topic, partition, offset))
-                except KafkaException as exc:
-                    log.warning("cannot seek %s[%d] to %d: %s", self.topic, partition, offset,
-                                exc)
-                self._next_offset[partition] = offset
+    def _seek_input(self, partition: int, offset: int) -> None:
+        try:
+            self.consumer.seek(TopicPartition(self.topic, partition, offset))
+        except KafkaException as exc:
+            log.warning("cannot seek %s[%d] to %d: %s", self.topic, partition, offset, exc)
 
     # --- producing and committing ----------------------------------------------------------
 
@@ -419,7 +389,7 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
         self._failures.append(err)
 
     def send(self, topic: str, key: bytes | None, value: bytes | None,
-             headers: list[tuple[str, bytes]] | None = None, origin: object = None) -> None:
+             headers: Headers | None = None, origin: object = None) -> None:
         """Buffer one record; ``origin`` (e.g. the input message) is handed to ``on_refused``
         if the producer or the broker refuses this record for what it is (size, format)."""
         self._produce(topic, key, value, headers, origin, final=False)
@@ -429,7 +399,7 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
         try:
             self.producer.produce(topic, value, key, headers=headers)  # type: ignore[arg-type]
         except BufferError:  # the local queue is full: serve acks until there is room
-            self._produce_when_room(topic, key, value, headers)
+            self._produce_when_room(topic, value, key, headers=headers)
         except KafkaException as exc:
             err = exc.args[0]
             if self.on_refused is None or err.code() not in REFUSED_CODES:
@@ -447,19 +417,6 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
         if replacement is not None and not final:
             topic, key, value, headers = replacement
             self._produce(topic, key, value, headers, origin, final=True)
-
-    def _produce_when_room(self, topic: str, key: bytes | None, value: bytes | None,
-                           headers: Headers | None) -> None:
-        deadline = self._deadline(self.settings.flush_timeout_s)
-        while True:
-            self.producer.poll(0.01)
-            try:
-                self.producer.produce(topic, value, key, headers=headers)  # type: ignore[arg-type]
-                return
-            except BufferError:
-                if time.monotonic() >= deadline:
-                    raise KafkaUnavailable(f"produce to {topic}: local queue full") from None
-                self.beat()
 
     def flush_and_commit(self, batch: Sequence[Message]) -> bool:
         """Wait for the acks of everything sent for ``batch``, then commit its offsets
@@ -482,20 +439,11 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
         sent, self._sent = self._sent, 0
         if not sent and not self._failures:
             return
-        deadline = self._deadline(self.settings.flush_timeout_s)
-        started = time.monotonic()
-        while True:
-            deadline = self._cap(deadline)
-            left = self.producer.flush(max(min(deadline - time.monotonic(), _WAIT_SLICE_S), 0))
-            if left == 0:
-                break
-            self.beat()
-            waited = time.monotonic() - started
-            if waited > STALL_S:
-                self.on_stall(f"outputs unacknowledged for {waited:.0f} s")
-            if time.monotonic() >= deadline:
-                raise KafkaUnavailable(f"{left} of {sent} records not acknowledged in time; "
-                                       "offsets not committed, the batch will be re-delivered")
+        # producer.flush() returns how many records are still unacknowledged (0: none)
+        left = self._wait_acks(lambda timeout_s: self.producer.flush(timeout_s) or None)
+        if left is not None:
+            raise KafkaUnavailable(f"{left} of {sent} records not acknowledged in time; "
+                                   "offsets not committed, the batch will be re-delivered")
         self._pending.clear()  # every delivery report of those records has been served
         if self._refused:  # replacements (e.g. dead letters that fit) go out, then wait again
             refused, self._refused = self._refused, []

@@ -40,7 +40,8 @@ from typing import Any
 from kafka import KafkaProducer, TopicPartition
 from kafka.producer.future import FutureRecordMetadata
 
-Headers = list[tuple[str, bytes]]
+from streamer.edge import Headers
+
 # (topic, partition, key, value, headers) -> the record's future, or None: use send()
 Append = Callable[[str, int, bytes, bytes | None, Headers | None], FutureRecordMetadata | None]
 SIZE_MARGIN = 1024  # bytes below max_request_size left to send()'s exact estimate

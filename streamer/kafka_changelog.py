@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ from kafka.errors import KafkaError
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
+from streamer.edge import ChangelogRecord, Headers, transactional_id
 from streamer.errors import KafkaUnavailable
 from streamer.kafka_group import RECONNECT_BACKOFF_MAX_MS, wrap
 from streamer.settings import StreamerSettings
@@ -47,15 +47,11 @@ class ChangelogMixin:
 
     @staticmethod
     def _transactional(settings: StreamerSettings) -> dict[str, Any]:
-        """Producer settings of exactly-once. The transactional id should be stable per
-        replica: initialising it fences a predecessor with the same id and aborts its open
-        transaction. (kafka-python sends offsets by group id only: no KIP-447 fencing by
-        group generation.)"""
-        if settings.processing_guarantee != "exactly_once":
-            return {}
-        tid = (settings.transactional_id or settings.group_instance_id
-               or f"{settings.group_id}-{uuid.uuid4().hex}")
-        return {"transactional_id": tid, "enable_idempotence": True}
+        """Producer settings of exactly-once (the id: :func:`streamer.edge.transactional_id`).
+        (kafka-python sends offsets by group id only: no KIP-447 fencing by group
+        generation.)"""
+        tid = transactional_id(settings)
+        return {} if tid is None else {"transactional_id": tid, "enable_idempotence": True}
 
     def _begin(self) -> None:
         if self.transactional and not self._in_txn:
@@ -74,7 +70,7 @@ class ChangelogMixin:
                 log.error("aborting the transaction failed: %s: %s", type(exc).__name__, exc)
 
     def send_changelog(self, partition: int, key: bytes, value: bytes | None,
-                       headers: list[tuple[str, bytes]] | None = None) -> None:
+                       headers: Headers | None = None) -> None:
         """Buffer one record for changelog ``partition`` (co-partitioned with the input)."""
         assert self.changelog_topic is not None
         try:
@@ -139,7 +135,7 @@ class ChangelogMixin:
 
     def read_changelog(
         self, partitions: set[int]
-    ) -> Iterator[tuple[int, bytes | None, bytes | None, list[tuple[str, bytes]] | None]]:
+    ) -> Iterator[ChangelogRecord]:
         """Every record of these changelog partitions from the log start to the high
         watermark read now, through a group-less consumer (assign, seek_to_beginning, poll
         until each position reaches its end offset). Beats liveness while reading; raises

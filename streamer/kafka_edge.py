@@ -46,7 +46,7 @@ from kafka.partitioner.default import DefaultPartitioner
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
-from streamer.edge import STALL_S, EdgeBase
+from streamer.edge import EdgeBase, Headers, PartitionCallback, Record, RefusedCallback
 from streamer.errors import KafkaEdgeError, KafkaUnavailable
 from streamer.events import Message
 from streamer.kafka_append import appender
@@ -63,17 +63,11 @@ from streamer.settings import StreamerSettings
 
 log = logging.getLogger(__name__)
 
-PartitionCallback = Callable[[set[int]], None]
-Headers = list[tuple[str, bytes]]
-Record = tuple[str, bytes | None, bytes | None, Headers | None]  # topic, key, value, headers
-# (record, origin given to send(), error, final) -> a replacement to send, or None
-RefusedCallback = Callable[[Record, object, Exception, bool], Record | None]
 # Refusals of the record itself (size, format, policy): sending it again cannot succeed.
 REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError,
            CorruptRecordError, PolicyViolationError)
 
 COORDINATOR_GRACE_S = 2.0  # finding the coordinator at start or after a move takes a moment
-_WAIT_SLICE_S = 0.5  # longest wait between liveness heartbeats while blocked on Kafka
 
 
 class KafkaEdge(ChangelogMixin, EdgeBase):
@@ -83,6 +77,8 @@ class KafkaEdge(ChangelogMixin, EdgeBase):
     is left of ``drain_timeout_s``. ``beat`` is called at least every 0.5 s while a wait blocks,
     so liveness reflects a loop that waits on purpose, not one that is stuck.
     """
+
+    CLIENT_ERRORS = (KafkaError,)
 
     def __init__(
         self,
@@ -126,8 +122,6 @@ class KafkaEdge(ChangelogMixin, EdgeBase):
         self._futures: list[FutureRecordMetadata] = []
         self._sent: list[tuple[Record, object]] = []  # what each future sent, and its origin
         self._partitions: dict[str, tuple[list[int], dict[bytes, int]]] = {}
-        self._next_offset: dict[int, int] = {}  # partition -> next offset we expect to see
-        self._uncommitted: dict[int, int] = {}  # partition -> offset to commit (acked)
         self._commit_sent: tuple[int, float] | None = None  # async commit in flight: id, sent at
         self._commit_ids = 0
         self._commits_ok = 0  # async commits that succeeded since flush_and_commit last returned
@@ -273,61 +267,21 @@ class KafkaEdge(ChangelogMixin, EdgeBase):
         check = getattr(coordinator, "coordinator_unknown", None)
         return bool(check()) if callable(check) else False
 
-    def rewind(self, batch: Sequence[Message]) -> None:
-        """Seek each partition of ``batch`` back to its first record, so an unacknowledged
-        batch is read again (at-least-once) instead of being skipped by the next poll."""
-        first: dict[int, int] = {}
-        for m in batch:
-            first[m.partition] = min(first.get(m.partition, m.offset), m.offset)
-        owned = self.assigned_partitions()
-        for partition, offset in first.items():
-            if partition in owned:
-                self.consumer.seek(TopicPartition(self.topic, partition), offset)
-                self._next_offset[partition] = offset
+    def _seek_input(self, partition: int, offset: int) -> None:
+        self.consumer.seek(TopicPartition(self.topic, partition), offset)
 
-    def forget(self, partitions: set[int]) -> None:
-        """Drop positions of partitions that moved to another member: when one comes back,
-        the offsets in between were someone else's to process, not a gap."""
-        for p in partitions:
-            self._next_offset.pop(p, None)
-            self._uncommitted.pop(p, None)
-
-    def _check_gap(self, partition: int, first_offset: int) -> None:
-        expected = self._next_offset.get(partition)
-        tp = TopicPartition(self.topic, partition)
-        if expected is None:
-            # First records since the assignment: compare with the group's committed offset,
-            # which catches a reset after the broker deleted what we had not read yet.
-            try:
-                expected = self.consumer.committed(
-                    tp, timeout_ms=int(self.settings.commit_timeout_s * 1e3))
-            except KafkaError as exc:
-                log.warning("cannot read the committed offset of %s[%d]: %s", self.topic,
-                            partition, exc)
-        if expected is None or first_offset <= expected:
-            return
-        # Transaction markers, aborted records (read_committed) and compaction leave gaps
-        # that lost nothing. Data was lost only where the log start moved past the position.
+    def _committed_offset(self, partition: int) -> int | None:
         try:
-            low = self._low_watermark(tp)
+            return self.consumer.committed(
+                TopicPartition(self.topic, partition),
+                timeout_ms=int(self.settings.commit_timeout_s * 1e3))
         except KafkaError as exc:
-            log.warning("offsets %d..%d of %s[%d] were not returned and the log start cannot "
-                        "be read (%s); not counted as lost", expected, first_offset - 1,
-                        self.topic, partition, exc)
-            return
-        if low is None or low <= expected:
-            log.debug("%s[%d]: offsets %d..%d were control records, aborted or compacted",
-                      self.topic, partition, expected, first_offset - 1)
-            return
-        skipped = min(low, first_offset) - expected
-        log.warning(
-            "SKIPPED %d offsets on %s[%d] (%d..%d): the broker deleted them (retention) before "
-            "they were read; those events were NOT processed",
-            skipped, self.topic, partition, expected, expected + skipped - 1,
-        )
-        self.on_gap(partition, skipped)
+            log.warning("cannot read the committed offset of %s[%d]: %s", self.topic,
+                        partition, exc)
+            return None
 
-    def _low_watermark(self, tp: TopicPartition) -> int | None:
+    def _log_start(self, partition: int) -> int | None:
+        tp = TopicPartition(self.topic, partition)
         fetcher = getattr(self.consumer, "_fetcher", None)
         timeout_ms = int(self.settings.commit_timeout_s * 1e3)
         if fetcher is not None and hasattr(fetcher, "beginning_offsets"):
@@ -340,7 +294,7 @@ class KafkaEdge(ChangelogMixin, EdgeBase):
 
     def send(
         self, topic: str, key: bytes | None, value: bytes | None,
-        headers: list[tuple[str, bytes]] | None = None, origin: object = None,
+        headers: Headers | None = None, origin: object = None,
     ) -> None:
         """Buffer one record; ``origin`` (e.g. the input message) is handed to ``on_refused``
         if the producer or the broker refuses this record. A keyed record goes straight to the
@@ -416,28 +370,15 @@ class KafkaEdge(ChangelogMixin, EdgeBase):
         sent, self._sent = self._sent, []
         if not futures:
             return
-        deadline = self._deadline(self.settings.flush_timeout_s)
-        started = time.monotonic()
-        while True:
-            deadline = self._cap(deadline)  # a SIGTERM meanwhile shortens the wait
-            slice_s = min(deadline - time.monotonic(), _WAIT_SLICE_S)
-            try:
-                self.producer.flush(timeout=max(slice_s, 0.001))
-                self._unacked = False  # flush() covers everything sent so far
-                break
-            except KafkaError as exc:  # KafkaTimeoutError: not all acked within this slice
-                self.beat()
-                waited = time.monotonic() - started
-                if waited > STALL_S:
-                    self.on_stall(f"outputs unacknowledged for {waited:.0f} s")
-                if time.monotonic() >= deadline:
-                    self._unacked = True
-                    pending = sum(1 for f in futures if not f.is_done)
-                    raise KafkaUnavailable(
-                        f"{pending} of {len(futures)} records not acknowledged in time "
-                        f"({type(exc).__name__}); offsets not committed, the batch will be "
-                        "re-delivered"
-                    ) from exc
+        exc = self._wait_acks(self._flush_slice)
+        if exc is not None:
+            self._unacked = True
+            pending = sum(1 for f in futures if not f.is_done)
+            raise KafkaUnavailable(
+                f"{pending} of {len(futures)} records not acknowledged in time "
+                f"({type(exc).__name__}); offsets not committed, the batch will be re-delivered"
+            ) from exc
+        self._unacked = False  # flush() covers everything sent so far
         failed = [f for f in futures if f.failed()]
         if failed and self.on_refused is not None:
             failed = self._replace_refused(futures, sent)
@@ -449,6 +390,15 @@ class KafkaEdge(ChangelogMixin, EdgeBase):
                 f"{type(error).__name__}: {error}; offsets not committed, the batch will be "
                 "re-delivered"
             )
+
+    def _flush_slice(self, timeout_s: float) -> KafkaError | None:
+        """One slice of the flush wait: None once everything sent is acknowledged, else
+        kafka-python's timeout error."""
+        try:
+            self.producer.flush(timeout=max(timeout_s, 0.001))
+        except KafkaError as exc:  # KafkaTimeoutError: not all acked within this slice
+            return exc
+        return None
 
     def _replace_refused(
         self, futures: list[FutureRecordMetadata], sent: list[tuple[Record, object]]

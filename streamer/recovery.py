@@ -48,20 +48,19 @@ from streamer.checkpoint import (
     split_payloads,
     write_states,
 )
+from streamer.edge import ChangelogRecord, Headers
 from streamer.engine import Engine
 from streamer.events import Message
 from streamer.state import StateStore
 
 log = logging.getLogger(__name__)
 
-ChangelogRecord = tuple[int, bytes | None, bytes | None, list[tuple[str, bytes]] | None]
-
 
 class StateEdge(Protocol):
     """What checkpoint and restore need from a Kafka client (kafka-python and confluent)."""
 
     def send_changelog(self, partition: int, key: bytes, value: bytes | None,
-                       headers: list[tuple[str, bytes]] | None = None) -> None:
+                       headers: Headers | None = None) -> None:
         """Buffer one changelog record for ``partition`` (None value: a tombstone)."""
 
     def flush(self) -> None:

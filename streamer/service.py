@@ -26,14 +26,13 @@ from prometheus_client import CollectorRegistry
 
 from streamer.artifact import Artifact
 from streamer.batch_decode import decode_batch_fast
-from streamer.edge import Edge, make_edge
+from streamer.edge import Edge, Record, make_edge
 from streamer.encode import encode_predictions
 from streamer.engine import Engine
 from streamer.errors import ConfigError, KafkaEdgeError, KafkaUnavailable
 from streamer.events import DecodedBatch, Message
 from streamer.graphs import GraphStep
 from streamer.hotswap import ModelWatcher, open_model_source
-from streamer.kafka_edge import Record
 from streamer.metrics import HealthState, Metrics, MetricsServer
 from streamer.model import resolve_device
 from streamer.recovery import StateEdge, StateRecovery

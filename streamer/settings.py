@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import tomllib
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
@@ -464,10 +464,13 @@ def read_config_file(cls: type[BaseSettings], path: Path) -> dict[str, Any]:
 def load_settings(
     cls: type[S], overrides: Mapping[str, Any] | None = None, config_file: Path | None = None,
     cli_source: CliSettingsSource[Any] | None = None,
+    how_to_set: Callable[[str], str] | None = None,
 ) -> S:
     """Build ``cls`` from defaults < config file < env < ``overrides`` < ``cli_source``.
 
-    ``config_file`` falls back to env ``<PREFIX>CONFIG``. Raises ConfigError on any bad value.
+    ``config_file`` falls back to env ``<PREFIX>CONFIG``. Raises ConfigError on any bad value;
+    its message ends with how to set the field: ``how_to_set(field)`` when given (a command
+    with its own way, e.g. ``streamer bench --set``), else the env var and the flag.
     """
     values = dict(overrides or {})
     if config_file is not None:
@@ -475,21 +478,24 @@ def load_settings(
     try:
         return cls(_cli_settings_source=cli_source, **values)
     except ValidationError as exc:
-        raise _config_error(cls, exc) from exc
+        raise _config_error(cls, exc, how_to_set) from exc
 
 
-def _config_error(cls: type[BaseSettings], exc: ValidationError) -> ConfigError:
-    problems = [_describe(cls, error) for error in exc.errors()]
+def _config_error(cls: type[BaseSettings], exc: ValidationError,
+                  how_to_set: Callable[[str], str] | None = None) -> ConfigError:
+    how = how_to_set or (lambda field: _how_to_set(cls, field))
+    problems = [_describe(cls, error, how) for error in exc.errors()]
     field, message = problems[0]
     for other_field, other_message in problems[1:]:
         message += f"; also {other_field!r}: {other_message}"
     return ConfigError(field, message)
 
 
-def _describe(cls: type[BaseSettings], error: Any) -> tuple[str, str]:
+def _describe(cls: type[BaseSettings], error: Any,
+              how: Callable[[str], str]) -> tuple[str, str]:
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, FieldProblem):
-        return cause.field, f"{cause} {_how_to_set(cls, cause.field)}"
+        return cause.field, f"{cause} {how(cause.field)}"
     field = str(error["loc"][0]) if error["loc"] else "settings"
     if error["type"] == "extra_forbidden":
         return field, f"unknown setting{_suggest(cls, field)}"
@@ -498,7 +504,7 @@ def _describe(cls: type[BaseSettings], error: Any) -> tuple[str, str]:
     got = f"got {error['input']!r}"
     if info is not None and not _is_secret(info.annotation) and got not in message:
         message += f", {got}"
-    return field, f"{message} {_how_to_set(cls, field)}".rstrip()
+    return field, f"{message} {how(field) if field in cls.model_fields else ''}".rstrip()
 
 
 def _how_to_set(cls: type[BaseSettings], field: str) -> str:

@@ -32,6 +32,23 @@ def test_bad_setting_fails_at_start_naming_the_field(artifact_dir: Path) -> None
     assert proc.returncode == 2 and "device" in out
 
 
+def test_a_bad_bench_setting_names_the_benchs_set_option() -> None:
+    """``streamer bench`` takes streamer settings as ``--set NAME=VALUE``: its error says so,
+    not ``streamer run``'s flag; it exits 2 before any broker or relay starts."""
+    proc = _streamer("bench", "--set", "max_batch_events=abc", "--phases", "full")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    line = out.strip().splitlines()[-1]
+    assert "'max_batch_events'" in line and "'abc'" in line
+    assert "--set max_batch_events=VALUE" in line
+    assert "--max-batch-events" not in line
+
+    proc = _streamer("bench", "--phases", "full", env={"STREAMER_MAX_BATCH_EVENTS": "0"})
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    assert "STREAMER_MAX_BATCH_EVENTS" in out and "--max-batch-events" not in out
+
+
 def test_help_names_env_vars() -> None:
     proc = _streamer("run", "--help")
     out, _ = proc.communicate(timeout=60)

@@ -8,14 +8,17 @@ test_recovery.py and tests/e2e/test_state_scaleout.py."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from streamer.broker import EmbeddedBroker
 from streamer.confluent_edge import ConfluentEdge
+from streamer.errors import KafkaUnavailable
 from streamer.events import Message
 
 from ..kafka_helpers import Topics
@@ -150,3 +153,43 @@ def test_read_changelog_stops_at_the_end_offsets_read_at_its_start(
     keys = [k for _, k, _, _ in [first, *rest]]
     assert keys == [f"k{i}".encode() for i in range(5)]
     assert first[3] == [("h", b"1")]
+
+
+@pytest.mark.parametrize("record", ["changelog", "output"])
+def test_a_full_local_queue_waits_no_longer_than_the_drain_deadline_once_stopping(
+    broker: EmbeddedBroker, topics: Topics, record: str
+) -> None:
+    """librdkafka's local queue is full (the broker is down, nothing is acknowledged): a send
+    waits for room up to flush_timeout_s (60 s here), but a SIGTERM meanwhile cuts the wait to
+    drain_timeout_s (1 s), for a changelog record as for an output record."""
+    state = f"{topics.input}-state"
+    broker.create_topic(state, partitions=4)
+    stop = threading.Event()
+    settings = _settings(topics, changelog_topic=state, flush_timeout_s=60.0,
+                         drain_timeout_s=1.0)
+    edge = ConfluentEdge(settings, lambda p: None, lambda p: None, stop=stop,
+                         changelog_topic=state)
+    try:
+        broker.set_broker_down(1)
+        filled = 0
+        while True:  # fill the edge's own producer queue (librdkafka: 100,000 records)
+            try:
+                edge.producer.produce(topics.output, b"v", b"k")
+            except BufferError:
+                break
+            filled += 1
+            assert filled <= 1_000_000, "the local queue never filled"
+        stopper = threading.Timer(0.5, stop.set)
+        stopper.start()
+        started = time.monotonic()
+        with pytest.raises(KafkaUnavailable, match="local queue full"):
+            if record == "changelog":
+                edge.send_changelog(1, b"k", b"state")
+            else:
+                edge.send(topics.output, b"k", b"prediction")
+        waited = time.monotonic() - started
+        stopper.join()
+        assert 0.5 <= waited < 15.0, waited  # from the stop: 1 s (slack for a loaded machine)
+    finally:
+        broker.set_broker_up(1)
+        edge.close()

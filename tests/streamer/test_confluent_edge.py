@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
+from streamer.confluent_changelog import transactional_config
 from streamer.confluent_edge import librdkafka_config
 from streamer.errors import ConfigError
+from streamer.kafka_edge import KafkaEdge
 
 from ..kafka_helpers import Topics, json_values, read_topic
 from .service_helpers import running_service, settings_for
@@ -82,6 +84,28 @@ def test_security_settings_use_librdkafka_names(topics: Topics, artifact_dir: Pa
     assert conf["security.protocol"] == "sasl_ssl"
     assert conf["sasl.mechanism"] == "SCRAM-SHA-512"
     assert conf["sasl.username"] == "u" and conf["sasl.password"] == "secret"
+
+
+def test_both_clients_take_the_transactional_id_from_one_rule(
+    topics: Topics, artifact_dir: Path
+) -> None:
+    """transactional_id, else group_instance_id, else the group id and a random suffix; the
+    same id under kafka-python's and librdkafka's names; none at all under at-least-once."""
+    def ids(**extra: Any) -> tuple[str, str]:
+        settings = settings_for(topics, artifact_dir, processing_guarantee="exactly_once",
+                                changelog=True, **extra)
+        kafka = KafkaEdge._transactional(settings)
+        assert kafka["enable_idempotence"] is True
+        return kafka["transactional_id"], transactional_config(settings)["transactional.id"]
+
+    assert ids(transactional_id="pod-0", group_instance_id="m-0") == ("pod-0", "pod-0")
+    assert ids(group_instance_id="m-0") == ("m-0", "m-0")
+    kafka_id, confluent_id = ids()
+    group = f"g-{topics.input}-"
+    assert kafka_id.startswith(group) and confluent_id.startswith(group)
+    assert len(kafka_id) == len(group) + 32 and kafka_id != confluent_id  # random per producer
+    plain = settings_for(topics, artifact_dir, transactional_id="pod-0")
+    assert KafkaEdge._transactional(plain) == {} and transactional_config(plain) == {}
 
 
 def test_oauthbearer_is_refused_naming_the_field(topics: Topics, artifact_dir: Path) -> None:
