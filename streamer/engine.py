@@ -122,8 +122,7 @@ class Engine:
             store.prev_ts[slots] = ts_pad.view(-1)[last]
         store.has_prev[slots] = True
         self._append_window(x.view(u * width, -1), window_pos.long(), slots, lengths, width)
-        if saved is not None:
-            assert ok is not None
+        if ok is not None and saved is not None:
             _restore_bad_rows(store, slots, saved, ok)
         y, loc, scale = y.view(u * width, -1), loc.view(-1), scale.view(-1)
         if not dense:  # back to input order
@@ -133,7 +132,9 @@ class Engine:
         if self.model.config.task != "classification" and col is not None:
             value = to_value(spec, out[:, 0].double(), raw[:, col], loc, scale)
             out = value.to(torch.float32).unsqueeze(-1)
-        return out if saved is None else _nan_bad_rows(out, ok[pos // width])
+        if ok is None or saved is None:
+            return out
+        return _nan_bad_rows(out, ok[pos // width])
 
     def _append_window(
         self, x: torch.Tensor, window_pos: torch.Tensor, slots: torch.Tensor,
@@ -143,8 +144,9 @@ class Engine:
         data-dependent mask syncs the device here)."""
         store, w = self.store, self.store.window
         if width == 1:  # every key once: its one event goes to its next ring position
-            store.win[slots, store.win_next[slots]] = x
-            store.win_next[slots] = (store.win_next[slots] + 1) % w
+            at = store.win_next[slots]
+            store.win[slots, at] = x
+            store.win_next[slots] = (at + 1) % w
             store.win_len[slots] = torch.clamp(store.win_len[slots] + 1, max=w)
             return
         row, col = window_pos // width, window_pos % width
@@ -241,7 +243,10 @@ def _all_finite(*tensors: torch.Tensor) -> bool:
     """True when every element of ``tensors`` is finite: a NaN or inf anywhere makes its sum
     non-finite, so one finite sum proves them all (one host sync). A sum that overflows is a
     false alarm the caller settles with the exact per-row check (:func:`_finite_rows`)."""
-    return bool(torch.isfinite(sum(t.sum(dtype=torch.float64) for t in tensors)))
+    total = tensors[0].sum()
+    for t in tensors[1:]:
+        total = total + t.sum()
+    return bool(torch.isfinite(total))
 
 
 def _restore_bad_rows(
@@ -280,6 +285,11 @@ class _Plan:
 
 def _plan(keys: Sequence[str], window: int) -> _Plan:
     unique = list(dict.fromkeys(keys))  # first-seen order, in C
+    if len(unique) == len(keys):  # every key once (light traffic): row u is event u
+        n = len(keys)
+        at = np.arange(n, dtype=np.int64)
+        at_f = at.astype(np.float64)
+        return _Plan(unique, at, at, np.ones(n, dtype=np.int64), 1, at_f, at_f)  # window >= 1
     group_of = dict(zip(unique, range(len(unique)), strict=True))
     groups = np.fromiter(map(group_of.__getitem__, keys), dtype=np.int64, count=len(keys))
     counts = np.bincount(groups)

@@ -129,8 +129,8 @@ class LSTMModel(nn.Module):
         """One event for each of B keys. x: [B, F]; h, c: [L, B, H] -> y [B, out], h, c.
 
         The stacked cell of ``self.lstm`` layer by layer (``torch.lstm_cell``, its weights and
-        gate order; eval mode: no dropout between layers), then the head. No host sync and every shape fixed by B, so a CUDA graph
-        can capture it (``streamer.graphs``)."""
+        gate order; eval mode: no dropout between layers), then the head. No host sync and
+        every shape fixed by B, so a CUDA graph can capture it (``streamer.graphs``)."""
         inp = self.normalize(x)
         hs, cs = [], []
         for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.lstm.all_weights):
