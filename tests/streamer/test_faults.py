@@ -29,7 +29,11 @@ def test_service_survives_fault(name: str, artifact_dir: Path) -> None:
     assert report.recovery_s is not None, report
     assert report.ready, report
     if name == "coordinator_down":
-        # While it cannot commit, /readyz says so and why. (With one broker of three down the
-        # service may well keep making progress: the writer's records for that broker's
-        # partitions wait with it, and every other partition flows, so readiness may stay.)
-        assert any(r.startswith("Kafka unavailable") for r in report.not_ready_reasons), report
+        # While it cannot commit, /readyz says so and why: the coordinator's absence noticed by
+        # an idle poll, outputs stuck on the broker that went down with it (when it leads an
+        # output partition in use), or, while batches keep flowing from the other brokers'
+        # partitions, the offset commits that time out. Which one depends on the partition
+        # leaders and the timing. (With one broker of three down that is not the coordinator,
+        # the service may well keep making progress, so readiness may stay.)
+        reasons = ("Kafka unavailable", "offset commits are timing out")
+        assert any(r.startswith(reasons) for r in report.not_ready_reasons), report
