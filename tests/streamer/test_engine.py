@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from streamer.engine import _GUARDED, Engine
+from streamer.engine import Engine
 from streamer.features import default_spec
 from streamer.state import StateStore
 
@@ -175,37 +175,11 @@ def test_swap_reset_and_keep_policies() -> None:
         engine.swap_model(make_model(hidden=8), "keep")
 
 
-def test_an_overflowing_key_in_a_batch_of_distinct_keys_keeps_its_state() -> None:
-    """State guard on the dense path (each key once in the batch): key a's overflowing event
-    leaves all of a's state as it was and its prediction NaN; b advances as usual."""
-    spec = default_spec("generic", n_features=4).with_stats([0.0] * 4, [1e-3] * 4)
-    model = _make_model(spec=spec, seed=7, device=TEST_DEVICE)
-    engine = Engine(model, _store(model))
-    store = engine.store
-    good = np.array([[0.5, -1.0, 2.0, 0.25]])
-    engine.process(["a", "b"], [0, 0], np.vstack([good, good]), np.array([1.0, 1.0]), 0.0)
-    slot_a = int(store.assign(["a"], np.array([0]), 0.0)[0][0])
-    before = {n: getattr(store, n)[slot_a].clone() for n in _GUARDED}
-    h_a, c_a = store.h[:, slot_a].clone(), store.c[:, slot_a].clone()
-    bad = np.array([[3e38, -3e38, 3e38, -3e38]])
-    preds, _ = engine.process(["a", "b"], [0, 0], np.vstack([bad, good]), np.array([2.0, 2.0]),
-                              0.0)
-    assert np.isnan(preds[0]).all() and np.isfinite(preds[1]).all()
-    assert_close(store.h[:, slot_a], h_a)
-    assert_close(store.c[:, slot_a], c_a)
-    for name, value in before.items():
-        assert torch.equal(getattr(store, name)[slot_a], value), name
-    expected = reference_predictions(model, ["b", "b"], np.vstack([good, good]),
-                                     np.array([1.0, 2.0]))
-    np.testing.assert_allclose(preds[1], expected[1], rtol=1e-5, atol=1e-6)
-    nxt, _ = engine.process(["a"], [0], good, np.array([5.0]), 0.0)
-    ref = reference_predictions(model, ["a", "a"], np.vstack([good, good]), np.array([1.0, 5.0]))
-    np.testing.assert_allclose(nxt[0], ref[1], rtol=1e-5, atol=1e-6)
-
-
-def test_a_key_whose_step_overflows_keeps_its_state_while_others_advance() -> None:
+@pytest.mark.parametrize("dense", [False, True])  # a repeats in the batch / every key once
+def test_a_key_whose_step_overflows_keeps_its_state_while_others_advance(dense: bool) -> None:
     """State guard: in one batch, key a's overflowing event leaves a's state (h, c, previous
-    event, re-warm window) as it was and its predictions NaN; key b advances as usual."""
+    event, re-warm window) as it was and its predictions NaN; key b advances as usual. Both
+    layouts: a with several events (padded rows) and each key once (the dense path)."""
     # Without per-key normalization: with it, a key's own scale absorbs even 3e38 inputs.
     spec = default_spec("generic", n_features=4).with_stats([0.0] * 4, [1e-3] * 4)
     model = _make_model(spec=spec, seed=7, device=TEST_DEVICE)
@@ -219,10 +193,15 @@ def test_a_key_whose_step_overflows_keeps_its_state_while_others_advance() -> No
     before = {n: getattr(store, n)[slot_a].clone() for n in guarded}
     h_a, c_a = store.h[:, slot_a].clone(), store.c[:, slot_a].clone()
     bad = np.array([[3e38, -3e38, 3e38, -3e38]])
-    raw = np.vstack([good, bad, good, good])
-    preds, _ = engine.process(["a", "a", "b", "a"], [0] * 4, raw, np.array([2.0, 3.0, 2.0, 4.0]),
-                              0.0)
-    assert np.isnan(preds[[0, 1, 3]]).all() and np.isfinite(preds[2]).all()
+    if dense:
+        keys, raw, ts = ["a", "b"], np.vstack([bad, good]), np.array([2.0, 2.0])
+    else:
+        keys, raw, ts = ["a", "a", "b", "a"], np.vstack([good, bad, good, good]), np.array(
+            [2.0, 3.0, 2.0, 4.0])
+    preds, _ = engine.process(keys, [0] * len(keys), raw, ts, 0.0)
+    b_at = keys.index("b")
+    a_at = [i for i, k in enumerate(keys) if k == "a"]
+    assert np.isnan(preds[a_at]).all() and np.isfinite(preds[b_at]).all()
     assert_close(store.h[:, slot_a], h_a)
     assert_close(store.c[:, slot_a], c_a)
     for name, value in before.items():
@@ -230,7 +209,7 @@ def test_a_key_whose_step_overflows_keeps_its_state_while_others_advance() -> No
     # b matches the reference that saw only b's events.
     expected = reference_predictions(model, ["b", "b"], np.vstack([good, good]),
                                      np.array([1.0, 2.0]))
-    np.testing.assert_allclose(preds[2], expected[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(preds[b_at], expected[1], rtol=1e-5, atol=1e-6)
     # a goes on from its last good state, as if the batch had not happened.
     nxt, _ = engine.process(["a"], [0], good, np.array([5.0]), 0.0)
     ref = reference_predictions(model, ["a", "a"], np.vstack([good, good]), np.array([1.0, 5.0]))
