@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from streamer.state import StateStore
+from streamer.state import LAYER_TENSORS, ROW_TENSORS, StateStore
 
 FORMAT_VERSION = 1
 STATE_MAGIC = b"LSTS"
@@ -92,19 +92,12 @@ class DecodedStates:
 
 
 def _slot_tensors(store: StateStore, slots: torch.Tensor) -> dict[str, np.ndarray]:
-    """Host copies of ``slots``' state, [K, ...] each (h and c moved to key-major)."""
-    return {
-        "h": store.h[:, slots].transpose(0, 1).float().cpu().numpy(),
-        "c": store.c[:, slots].transpose(0, 1).float().cpu().numpy(),
-        "prev_raw": store.prev_raw[slots].cpu().numpy(),
-        "prev_ts": store.prev_ts[slots].cpu().numpy(),
-        "has_prev": store.has_prev[slots].cpu().numpy().astype(np.uint8),
-        "stats": store.stats[slots].cpu().numpy(),
-        "count": store.count[slots].cpu().numpy(),
-        "win": store.win[slots].float().cpu().numpy(),
-        "win_next": store.win_next[slots].cpu().numpy(),
-        "win_len": store.win_len[slots].cpu().numpy(),
-    }
+    """Host copies of ``slots``' state, [K, ...] each in its record dtype (h and c moved to
+    key-major)."""
+    dtypes = {name: dtype for name, dtype, _ in Dims.of(store).fields()}
+    out = {name: getattr(store, name)[:, slots].transpose(0, 1) for name in LAYER_TENSORS}
+    out.update((name, getattr(store, name)[slots]) for name in ROW_TENSORS)
+    return {name: t.cpu().numpy().astype(dtypes[name], copy=False) for name, t in out.items()}
 
 
 def encode_states(
@@ -189,16 +182,12 @@ def write_states(store: StateStore, slots: torch.Tensor, states: DecodedStates) 
     def put(name: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(t[name]).to(device=dev, dtype=dtype)
 
-    store.h[:, slots] = put("h", store.h.dtype).transpose(0, 1)
-    store.c[:, slots] = put("c", store.c.dtype).transpose(0, 1)
-    store.prev_raw[slots] = put("prev_raw", store.prev_raw.dtype)
-    store.prev_ts[slots] = put("prev_ts", store.prev_ts.dtype)
-    store.has_prev[slots] = put("has_prev", torch.bool)
-    store.stats[slots] = put("stats", store.stats.dtype)
-    store.count[slots] = put("count", store.count.dtype)
-    store.win[slots] = put("win", store.win.dtype)
-    store.win_next[slots] = put("win_next", torch.int64)
-    store.win_len[slots] = put("win_len", torch.int64)
+    for name in LAYER_TENSORS:
+        tensor = getattr(store, name)
+        tensor[:, slots] = put(name, tensor.dtype).transpose(0, 1)
+    for name in ROW_TENSORS:
+        tensor = getattr(store, name)
+        tensor[slots] = put(name, tensor.dtype)
 
 
 def encode_marker(offset: int, wall_time: float) -> bytes:

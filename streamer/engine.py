@@ -31,7 +31,7 @@ import torch
 from streamer.copies import HostStaging
 from streamer.features import FeatureSpec, compute_features, normalize_steps, to_value
 from streamer.model import LSTMModel
-from streamer.state import StateStore
+from streamer.state import ROW_TENSORS, StateStore
 
 if TYPE_CHECKING:
     from streamer.graphs import GraphStep
@@ -218,11 +218,8 @@ def same_features(a: FeatureSpec, b: FeatureSpec) -> bool:
 # good state. Checking costs one reduction and one device sync per batch; only a batch with
 # such a key pays for copying and restoring state.
 
-_GUARDED = ("prev_raw", "prev_ts", "has_prev", "stats", "count", "win", "win_next", "win_len")
-
-
 def _snapshot(store: StateStore, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-    saved = {name: getattr(store, name)[slots] for name in _GUARDED}
+    saved = {name: getattr(store, name)[slots] for name in ROW_TENSORS}
     saved["h"], saved["c"] = store.h[:, slots], store.c[:, slots]
     return saved
 
@@ -252,7 +249,7 @@ def _all_finite(*tensors: torch.Tensor) -> bool:
 def _restore_bad_rows(
     store: StateStore, slots: torch.Tensor, saved: dict[str, torch.Tensor], ok: torch.Tensor
 ) -> None:
-    for name in _GUARDED:
+    for name in ROW_TENSORS:
         tensor, old = getattr(store, name), saved[name]
         keep = ok.view(-1, *([1] * (old.dim() - 1)))
         tensor[slots] = torch.where(keep, tensor[slots], old)

@@ -52,7 +52,7 @@ from streamer.engine import (
 )
 from streamer.features import FeatureSpec, compute_features, normalize_steps, to_value
 from streamer.model import LSTMModel
-from streamer.state import StateStore
+from streamer.state import LAYER_TENSORS, ROW_TENSORS, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,6 @@ def _identity(engine: Engine) -> list[tuple[object, int]]:
     """What a graph depends on: the model (its spec and config are baked in), the addresses
     of its weights and buffers and of every state tensor. Compared by identity and address."""
     store = engine.store
-    tensors = [*engine.model.parameters(), *engine.model.buffers(), store.h, store.c,
-               store.prev_raw, store.prev_ts, store.has_prev, store.stats, store.count,
-               store.win, store.win_next, store.win_len]
+    tensors = [*engine.model.parameters(), *engine.model.buffers(),
+               *(getattr(store, name) for name in (*LAYER_TENSORS, *ROW_TENSORS))]
     return [(engine.model, 0), *((t, t.data_ptr()) for t in tensors)]

@@ -25,6 +25,12 @@ import torch
 from streamer.features import STAT_SLOTS
 from streamer.model import LSTMModel
 
+# Every per-slot state tensor of a store, by attribute name: the layered ones are [L, slots, H]
+# (slot on dim 1), the row ones [slots, ...]. What copies, guards, snapshots or serializes a
+# key's whole state walks these (engine guard, CUDA graph identity, checkpoint records).
+LAYER_TENSORS = ("h", "c")
+ROW_TENSORS = ("prev_raw", "prev_ts", "has_prev", "stats", "count", "win", "win_next", "win_len")
+
 
 class StateStore:
     def __init__(
@@ -94,12 +100,13 @@ class StateStore:
         # Normal tensors even when called in inference mode (the engine's step): a changelog
         # restore writes them outside it, which an inference tensor would refuse.
         with torch.inference_mode(False):
-            for name in ("prev_raw", "prev_ts", "has_prev", "stats", "count", "win",
-                         "win_next", "win_len"):
+            for name in ROW_TENSORS:
                 tensor = getattr(self, name)
                 setattr(self, name, torch.cat([tensor, tensor.new_zeros(1, *tensor.shape[1:])]))
-            self.h = torch.cat([self.h, self.h.new_zeros(self.h.shape[0], 1, self.h.shape[2])], 1)
-            self.c = torch.cat([self.c, self.c.new_zeros(self.c.shape[0], 1, self.c.shape[2])], 1)
+            for name in LAYER_TENSORS:
+                tensor = getattr(self, name)
+                setattr(self, name, torch.cat(
+                    [tensor, tensor.new_zeros(tensor.shape[0], 1, tensor.shape[2])], 1))
         return self.capacity
 
     def __len__(self) -> int:
@@ -111,8 +118,7 @@ class StateStore:
     @property
     def bytes_per_key(self) -> int:
         """Device bytes one slot costs (all state tensors divided by their rows)."""
-        tensors = (self.h, self.c, self.prev_raw, self.prev_ts, self.has_prev, self.stats,
-                   self.count, self.win, self.win_next, self.win_len)
+        tensors = [getattr(self, name) for name in (*LAYER_TENSORS, *ROW_TENSORS)]
         return sum(t.element_size() * t.nelement() for t in tensors) // self.prev_ts.shape[0]
 
     def slot(self, key: str) -> int | None:

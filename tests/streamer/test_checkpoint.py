@@ -19,11 +19,9 @@ from streamer.checkpoint import (
 )
 from streamer.engine import Engine
 from streamer.features import default_spec
-from streamer.state import StateStore
+from streamer.state import LAYER_TENSORS, ROW_TENSORS, StateStore
 
 from .conftest import make_model
-
-SLOT_TENSORS = ("prev_raw", "prev_ts", "has_prev", "stats", "count", "win", "win_next", "win_len")
 
 
 def _warm_store() -> tuple[StateStore, list[str]]:
@@ -54,11 +52,18 @@ def test_every_slot_tensor_round_trips_exactly() -> None:
     write_states(target, torch.from_numpy(slots), states)
     src = torch.tensor([store.slot(k) for k in keys])
     dst = torch.from_numpy(slots)
-    assert torch.equal(target.h[:, dst], store.h[:, src])
-    assert torch.equal(target.c[:, dst], store.c[:, src])
-    for name in SLOT_TENSORS:
+    for name in LAYER_TENSORS:
+        assert torch.equal(getattr(target, name)[:, dst], getattr(store, name)[:, src]), name
+    for name in ROW_TENSORS:
         assert torch.equal(getattr(target, name)[dst], getattr(store, name)[src]), name
     np.testing.assert_array_equal(states.last_seen, store.last_seen(keys))
+
+
+def test_the_record_holds_every_state_tensor_of_the_store() -> None:
+    """A state tensor added to the store without a place in the record would not survive a
+    restore: the record's fields are exactly the store's per-slot tensors, in this order."""
+    store, _ = _warm_store()
+    assert [name for name, _, _ in Dims.of(store).fields()] == [*LAYER_TENSORS, *ROW_TENSORS]
 
 
 def test_corrupt_records_are_refused_with_a_typed_error() -> None:
