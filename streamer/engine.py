@@ -106,8 +106,11 @@ class Engine:
             x, torch.from_numpy(plan.lengths), store.h[:, slots], store.c[:, slots],
             enforce_sorted=True,
         )
-        # State guard: a key whose step is not finite keeps its state (see _finite_rows).
-        ok = None if dense and _all_finite(x, y, h, c) else _finite_rows(x, y, h, c, valid)
+        out = serving_units(self.model, raw_pad, y, loc, scale)  # [U, T, out]
+        # State guard: a key whose step or prediction is not finite keeps its state (a value
+        # can overflow float32 only on the way to the target's units: see _finite_rows).
+        ok = (None if dense and _all_finite(x, y, out, h, c)
+              else _finite_rows((x, y, out), h, c, valid))
         saved = None if ok is None or bool(ok.all()) else _snapshot(store, slots)  # rare
         store.h[:, slots] = h
         store.c[:, slots] = c
@@ -124,14 +127,9 @@ class Engine:
         self._append_window(x.view(u * width, -1), window_pos.long(), slots, lengths, width)
         if ok is not None and saved is not None:
             _restore_bad_rows(store, slots, saved, ok)
-        y, loc, scale = y.view(u * width, -1), loc.view(-1), scale.view(-1)
+        out = out.view(u * width, -1)
         if not dense:  # back to input order
-            y, loc, scale = y[pos], loc[pos], scale[pos]
-        out = self.model.to_prediction(y)
-        col = spec.target_raw_column
-        if self.model.config.task != "classification" and col is not None:
-            value = to_value(spec, out[:, 0].double(), raw[:, col], loc, scale)
-            out = value.to(torch.float32).unsqueeze(-1)
+            out = out[pos]
         if ok is None or saved is None:
             return out
         return _nan_bad_rows(out, ok[pos // width])
@@ -224,16 +222,32 @@ def _snapshot(store: StateStore, slots: torch.Tensor) -> dict[str, torch.Tensor]
     return saved
 
 
-def _finite_rows(
-    x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, c: torch.Tensor, valid: torch.Tensor
+def serving_units(
+    model: LSTMModel, raw: torch.Tensor, y: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
-    """[U] bool: row u's features [U, T, F] and outputs [U, T, O] at its valid steps, and its
-    final state h, c [L, U, H], are all finite. ``v * 0`` is 0 for finite v and NaN for NaN or
-    inf, so a sum of them is an exact test (and ~10x faster than isfinite().all() per dim)."""
-    u, width = x.shape[0], x.shape[1]  # valid: [U, T] bool, the row's real steps
-    steps = (x.view(u, width, -1) * 0).sum(-1) + (y.view(u, width, -1) * 0).sum(-1)
-    steps = torch.where(valid, steps, 0.0).sum(1)  # padding may hold anything
-    return torch.isfinite(steps + (h * 0).sum((0, 2)) + (c * 0).sum((0, 2)))
+    """The prediction as served: head output y [..., out] to the target's next value in its
+    units (float64 arithmetic, then float32) or class probabilities. raw [..., R] float64 the
+    event's raw values (the last value of a change or log-return target); loc, scale [...] the
+    key's statistics at the event (``streamer.features.normalize_steps``). -> [..., out]."""
+    out = model.to_prediction(y)
+    spec, col = model.spec, model.spec.target_raw_column
+    if model.config.task != "classification" and col is not None:
+        value = to_value(spec, out[..., 0].double(), raw[..., col], loc, scale)
+        out = value.to(torch.float32).unsqueeze(-1)
+    return out
+
+
+def _finite_rows(
+    steps: Sequence[torch.Tensor], h: torch.Tensor, c: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """[U] bool: row u's per-step tensors (``steps``: features, outputs, predictions, each
+    [U, T, ...]) at its valid steps, and its final state h, c [L, U, H], are all finite.
+    ``v * 0`` is 0 for finite v and NaN for NaN or inf, so a sum of them is an exact test (and
+    ~10x faster than isfinite().all() per dim)."""
+    u, width = valid.shape  # valid: [U, T] bool, the row's real steps
+    total = sum((t.reshape(u, width, -1) * 0).sum(-1) for t in steps)
+    row = torch.where(valid, total, 0.0).sum(1)  # padding may hold anything
+    return torch.isfinite(row + (h * 0).sum((0, 2)) + (c * 0).sum((0, 2)))
 
 
 def _all_finite(*tensors: torch.Tensor) -> bool:

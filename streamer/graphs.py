@@ -49,8 +49,9 @@ from streamer.engine import (
     _Plan,
     _restore_bad_rows,
     _snapshot,
+    serving_units,
 )
-from streamer.features import FeatureSpec, compute_features, normalize_steps, to_value
+from streamer.features import FeatureSpec, compute_features, normalize_steps
 from streamer.model import LSTMModel
 from streamer.state import LAYER_TENSORS, ROW_TENSORS, StateStore
 
@@ -87,7 +88,8 @@ def wave_step(
     )
     x = x[:, 0]
     y, h, c = model.step(x, h0, c0)
-    ok = _finite_rows(x[:, None], y[:, None], h, c, valid)
+    out = serving_units(model, raw, y, loc[:, 0], scale[:, 0])
+    ok = _finite_rows((x[:, None], y[:, None], out[:, None]), h, c, valid)
     row = ok[:, None]
     store.h[:, slot] = torch.where(ok[None, :, None], h, h0)
     store.c[:, slot] = torch.where(ok[None, :, None], c, c0)
@@ -99,11 +101,6 @@ def wave_step(
     store.win[slot, win_next] = torch.where(row, x, store.win[slot, win_next])
     store.win_next[slot] = torch.where(ok, (win_next + 1) % store.window, win_next)
     store.win_len[slot] = torch.where(ok, torch.clamp(win_len + 1, max=store.window), win_len)
-    out = model.to_prediction(y)
-    col = spec.target_raw_column
-    if model.config.task != "classification" and col is not None:
-        value = to_value(spec, out[:, 0].double(), raw[:, col], loc[:, 0], scale[:, 0])
-        out = value.to(torch.float32).unsqueeze(-1)
     return {"pred": out, "ok": ok}
 
 

@@ -7,7 +7,7 @@ from torch.testing import assert_close
 
 from streamer.engine import Engine
 from streamer.features import default_spec
-from streamer.state import StateStore
+from streamer.state import ROW_TENSORS, StateStore
 
 from ..reference import reference_predictions
 from .conftest import TEST_DEVICE
@@ -136,6 +136,42 @@ def test_classification_outputs_probabilities() -> None:
                               np.arange(3.0), 0.0)
     assert preds.shape == (3, 3)
     assert_close(preds.sum(1), np.ones(3, dtype=np.float32))
+
+
+@pytest.mark.parametrize("dense", [False, True])  # a repeats in the batch / every key once
+def test_a_prediction_that_overflows_float32_keeps_the_keys_state(dense: bool) -> None:
+    """The step is finite but the prediction in the target's units is not: the level target
+    comes back as loc + scale * out in float64, here beyond float32's range (a key's value at
+    3.4e38 after a 0). The key is treated as a non-finite step: NaN prediction (the service
+    dead-letters it) and every state tensor as it was, so its later events go on as if the
+    batch had not happened, equal to the reference without it."""
+    spec = default_spec("generic", n_features=2, half_life=4.0)
+    model = _make_model(spec=spec, seed=3, device=TEST_DEVICE)
+    with torch.no_grad():  # head output 5 for every key: scale * 5 overflows float32 for a
+        model.head.weight.zero_()
+        model.head.bias.fill_(5.0)
+    engine = Engine(model, _store(model))
+    store = engine.store
+    good = np.array([[0.0, 1.0]])
+    engine.process(["a", "b"], [0, 0], np.vstack([good, good]), np.array([1.0, 1.0]), 0.0)
+    slot_a = int(store.assign(["a"], np.array([0]), 0.0)[0][0])
+    before = {n: getattr(store, n)[slot_a].clone() for n in ROW_TENSORS}
+    h_a, c_a = store.h[:, slot_a].clone(), store.c[:, slot_a].clone()
+    huge = np.array([[3.4e38, 1.0]])
+    if dense:
+        keys, raw, ts = ["a", "b"], np.vstack([huge, good]), np.array([2.0, 2.0])
+    else:
+        keys, raw, ts = ["a", "b", "a"], np.vstack([huge, good, good]), np.array([2.0, 2.0, 3.0])
+    preds, _ = engine.process(keys, [0] * len(keys), raw, ts, 0.0)
+    a_at = [i for i, k in enumerate(keys) if k == "a"]
+    assert np.isnan(preds[a_at]).all() and np.isfinite(preds[keys.index("b")]).all()
+    assert_close(store.h[:, slot_a], h_a)
+    assert_close(store.c[:, slot_a], c_a)
+    for name, value in before.items():
+        assert torch.equal(getattr(store, name)[slot_a], value), name
+    nxt, _ = engine.process(["a"], [0], good, np.array([5.0]), 0.0)
+    ref = reference_predictions(model, ["a", "a"], np.vstack([good, good]), np.array([1.0, 5.0]))
+    np.testing.assert_allclose(nxt[0], ref[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch", [37, 1])  # keys repeat in a batch / the dense path

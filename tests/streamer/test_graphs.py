@@ -170,17 +170,26 @@ def test_padding_rows_touch_only_the_scratch_slot() -> None:
         assert torch.equal(_rows(store, s), before[s]), s
 
 
+@pytest.mark.parametrize("cause", ["step", "prediction"])
 @pytest.mark.parametrize("repeat_bad_key", [True, False])
-def test_state_guard_matches_the_eager_step(repeat_bad_key: bool) -> None:
-    """A key whose step overflows keeps its state from before the batch and gets NaN
-    predictions for all its events; other keys advance, as in the eager step (every key once
-    in the batch: one wave, the guard inside the graph; the bad key three times: the restore
-    after the waves)."""
-    spec = default_spec("generic", n_features=4).with_stats([0.0] * 4, [1e-3] * 4)
-    model = make_model(spec=spec, seed=7)
+def test_state_guard_matches_the_eager_step(repeat_bad_key: bool, cause: str) -> None:
+    """A key whose step overflows, or whose prediction overflows float32 on the way to the
+    target's units, keeps its state from before the batch and gets NaN predictions for all
+    its events; other keys advance, as in the eager step (every key once in the batch: one
+    wave, the guard inside the graph; the bad key three times: the restore after the waves)."""
+    if cause == "step":
+        spec = default_spec("generic", n_features=4).with_stats([0.0] * 4, [1e-3] * 4)
+        model = make_model(spec=spec, seed=7)
+        good = np.array([[0.5, -1.0, 2.0, 0.25]])
+        bad = np.array([[3e38, -3e38, 3e38, -3e38]])
+    else:  # level target, per-key scale ~1e38 after a 0 then 3.4e38: loc + scale * 5 overflows
+        model = make_model(spec=default_spec("generic", n_features=4, half_life=4.0), seed=7)
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.fill_(5.0)
+        good = np.array([[0.0, 1.0, 1.0, 1.0]])
+        bad = np.array([[3.4e38, 1.0, 1.0, 1.0]])
     eager, bucketed = _engines(model)
-    good = np.array([[0.5, -1.0, 2.0, 0.25]])
-    bad = np.array([[3e38, -3e38, 3e38, -3e38]])
     for engine in (eager, bucketed):
         engine.process(["a", "b"], [0, 0], np.vstack([good, good]), np.array([1.0, 1.0]), 0.0)
     keys = ["a", "a", "b", "a"] if repeat_bad_key else ["b", "a"]  # 3 waves, or just one
