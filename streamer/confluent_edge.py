@@ -77,6 +77,10 @@ MEMBERSHIP_CODES = {
     KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
     KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST, KafkaError._STATE,
 }
+# Commit errors after which this member can no longer commit those offsets (retrying is futile).
+GENERATION_GONE = {
+    KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST,
+}
 
 
 def is_transient(err: KafkaError) -> bool:
@@ -160,6 +164,7 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
         self._eager_revoked: set[int] = set()
         self._sent = 0
         self._commit_issued = 0.0  # time.monotonic() of the last commit issued
+        self._last_commit_error: int | None = None  # the last commit's error code, if any
         self._failures: list[KafkaError] = []
         self._init_changelog(on_revoking, changelog_topic)
         base = librdkafka_config(settings)
@@ -300,6 +305,7 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
         a commit covering them succeeded: a commit rejected while a cooperative rebalance is in
         progress is retried by the next one, and the synchronous commit on revocation still
         covers everything acknowledged."""
+        self._last_commit_error = None if err is None else err.code()
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             reason = "rebalance" if err.code() in MEMBERSHIP_CODES else "timeout"
             self.on_commit_failed(reason)
@@ -520,8 +526,15 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
             return True
         self._closed = True
         self.stop.set()
-        clean = self._commit_now()
         deadline = self._deadline(self.settings.drain_timeout_s)
+        clean = self._commit_now()
+        # A commit rejected while a rebalance is in progress or timed out (coordinator away) is
+        # tried again until the drain deadline, as the kafka-python edge does; one whose
+        # generation is gone (the partitions moved on) cannot succeed: its offsets are re-read.
+        while (not clean and self._uncommitted and time.monotonic() < deadline
+               and self._last_commit_error not in GENERATION_GONE):
+            time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+            clean = self.commit_pending(asynchronous=False)
         left = self.producer.flush(max(deadline - time.monotonic(), 0.0))
         clean = clean and left == 0
         try:

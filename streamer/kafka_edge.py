@@ -56,6 +56,7 @@ from streamer.kafka_group import (
     MEMBERSHIP_ERRORS,
     RECONNECT_BACKOFF_MAX_MS,
     RebalanceListener,
+    generation_gone,
     is_transient,
     wrap,
 )
@@ -452,10 +453,7 @@ class KafkaEdge(ChangelogMixin, EdgeBase):
         try:
             self.consumer.commit(offsets, timeout_ms=int(timeout_s * 1e3))
         except MEMBERSHIP_ERRORS as exc:
-            self._uncommitted.clear()
-            self.on_commit_failed("rebalance")
-            log.warning("offset commit rejected (%s: %s): the group rebalanced; those offsets "
-                        "will be re-delivered", type(exc).__name__, exc)
+            self._commit_rejected(exc, list(self._uncommitted))
             return False
         except KafkaError as exc:
             if not is_transient(exc):
@@ -520,17 +518,27 @@ class KafkaEdge(ChangelogMixin, EdgeBase):
         if not current or not pending:
             return
         if isinstance(error, MEMBERSHIP_ERRORS):
-            for p in pending:
-                self._uncommitted.pop(p, None)
-            self.on_commit_failed("rebalance")
-            log.warning("offset commit rejected (%s: %s): the group rebalanced; those offsets "
-                        "will be re-delivered", type(error).__name__, error)
+            self._commit_rejected(error, pending)
         elif is_transient(error):
             self.on_commit_failed("timeout")
             log.warning("offset commit failed (%s: %s); retried with the next commit",
                         type(error).__name__, error)
         else:
             self._commit_error = KafkaEdgeError(f"commit failed: {type(error).__name__}: {error}")
+
+    def _commit_rejected(self, error: BaseException, partitions: list[int]) -> None:
+        """A commit the group refused: with the member's generation gone the offsets of
+        ``partitions`` are dropped (their next owner re-reads them); while a rebalance is only
+        in progress they stay pending for the next commit (the member may keep them)."""
+        self.on_commit_failed("rebalance")
+        if generation_gone(error):
+            for p in partitions:
+                self._uncommitted.pop(p, None)
+            log.warning("offset commit rejected (%s: %s): the group rebalanced; those offsets "
+                        "will be re-delivered", type(error).__name__, error)
+        else:
+            log.warning("offset commit rejected while the group rebalances (%s: %s); retried "
+                        "with the next commit", type(error).__name__, error)
 
     def _raise_commit_error(self) -> None:
         if self._commit_error is not None:

@@ -52,6 +52,21 @@ ASSIGNORS: dict[str, Any] = {
 MEMBERSHIP_ERRORS = (
     CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError,
 )
+# Of those, the ones after which this member's generation is gone: its commits can never succeed
+# and its partitions may have moved, so the offsets are dropped (their next owner re-reads them).
+# A rebalance merely in progress keeps them pending: the member may keep its partitions.
+GENERATION_GONE_ERRORS = (CommitFailedError, IllegalGenerationError, UnknownMemberIdError)
+
+
+def generation_gone(error: BaseException) -> bool:
+    """Whether a failed commit means this member's generation is gone (its offsets are dropped)
+    rather than a rebalance merely in progress (they stay pending). kafka-python 2.x reports an
+    OffsetCommit answered REBALANCE_IN_PROGRESS as a CommitFailedError wrapping a
+    RebalanceInProgressError (and asks to rejoin): that is the second kind."""
+    if isinstance(error, CommitFailedError) and any(
+            isinstance(a, RebalanceInProgressError) for a in error.args):
+        return False
+    return isinstance(error, GENERATION_GONE_ERRORS)
 
 # Errors retrying cannot fix: the settings, the credentials or the data must change first.
 FATAL_ERRORS: tuple[type[KafkaError], ...] = (

@@ -261,8 +261,9 @@ class Service:
             clean = self._shutdown(failure)
         if not clean:
             raise KafkaEdgeError(
-                f"drain did not finish within drain_timeout_s={self.settings.drain_timeout_s}: "
-                "some outputs or offsets were not acknowledged; they will be re-delivered"
+                "drain did not finish cleanly (drain_timeout_s="
+                f"{self.settings.drain_timeout_s}): some outputs were not acknowledged or "
+                "offsets not committed (see the log above); they will be re-delivered"
             )
 
     def _connect(self, stop: threading.Event) -> Edge | None:
@@ -359,8 +360,9 @@ class Service:
             elif clean:
                 log.info("stopped cleanly")
             else:
-                log.error("stopped with outputs or offsets not acknowledged within %.0f s; "
-                          "they will be re-delivered", self.settings.drain_timeout_s)
+                log.error("stopped with outputs not acknowledged or offsets not committed "
+                          "(drain_timeout_s=%.0f, see above); they will be re-delivered",
+                          self.settings.drain_timeout_s)
         return clean
 
     def process(self, batch: Sequence[Message]) -> None:

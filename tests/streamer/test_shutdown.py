@@ -91,6 +91,45 @@ def test_sigterm_with_brokers_down_exits_nonzero_within_drain_timeout(
     assert elapsed < DRAIN_S + 7, f"took {elapsed:.1f} s to stop:\n{out}"
 
 
+def test_sigterm_while_commits_are_rejected_retries_them_and_stops_cleanly(
+    artifact_dir: Path, kafka_client: str,
+) -> None:
+    """SIGTERM while the coordinator answers OffsetCommit with REBALANCE_IN_PROGRESS (three
+    times): the drain commits again until the deadline, so every offset is committed and the
+    exit is clean. (Found by a fresh-eyes tester: the confluent edge gave up after one try.)"""
+    from .test_async_commit import _committed
+
+    with EmbeddedBroker(num_brokers=1) as broker:
+        name = f"r-{uuid.uuid4().hex[:8]}"
+        out_topic, group = f"{name}.out", f"g-{name}"
+        for topic, parts in ((name, 2), (out_topic, 2), (f"{name}.dlq", 1)):
+            broker.create_topic(topic, partitions=parts)
+        bs = broker.bootstrap_servers
+        proc = _streamer(
+            "run", "--bootstrap-servers", bs, "--input-topic", name, "--output-topic", out_topic,
+            "--group-id", group, "--model", str(artifact_dir), "--device", "cpu",
+            "--metrics-address", "127.0.0.1:0", "--drain-timeout-s", "15",
+            "--session-timeout-ms", "3000", "--heartbeat-interval-ms", "500",
+            "--kafka-client", kafka_client,
+        )
+        try:
+            produce(bs, name, _records(10))
+            assert len(read_topic(bs, out_topic, expect=10, timeout_s=60, settle_s=0)) >= 10
+            broker.push_request_errors("OffsetCommit", ["REBALANCE_IN_PROGRESS"] * 3)
+            produce(bs, name, _records(6))
+            assert len(read_topic(bs, out_topic, expect=16, timeout_s=60, settle_s=0)) >= 16
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        committed = _committed(bs, group, name, 2)
+    assert proc.returncode == 0, out
+    assert "stopped cleanly" in out, out
+    assert sum(committed.values()) == 16, (committed, out)
+
+
 class _ScriptedConsumer:
     """A consumer whose ``poll()`` raises the scripted errors, then returns nothing."""
 
