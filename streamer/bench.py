@@ -206,7 +206,22 @@ class StreamerUnderTest:
         )
         self.service = Service.from_settings(settings)
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.service.run, args=(self.stop,), daemon=True)
+        self.error: BaseException | None = None
+        self.closing = False  # close() was called: the thread ending is expected
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.service.run(self.stop)
+        except BaseException as exc:  # noqa: BLE001 - reported by check() on the bench's thread
+            self.error = exc
+
+    def check(self) -> None:
+        """Raise RuntimeError when the service stopped on its own (e.g. a setting it refused
+        at start), so the bench ends at once instead of waiting for outputs that never come."""
+        if not self.thread.is_alive() and not self.closing:
+            raise RuntimeError(f"bench: the streamer stopped: {type(self.error).__name__}: "
+                               f"{self.error}")
 
     @property
     def assigned(self) -> bool:
@@ -217,6 +232,7 @@ class StreamerUnderTest:
         return self
 
     def close(self) -> None:
+        self.closing = True
         self.stop.set()
         self.thread.join(60)
         self.service.edge = None  # its clients go now, not after the broker is gone
@@ -226,9 +242,11 @@ class StreamerUnderTest:
 
 
 def _wait(cond: Callable[[], bool], timeout_s: float, what: str,
-          interval_s: float = 0.01) -> None:
+          interval_s: float = 0.01, runner: object = None) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
+        if isinstance(runner, StreamerUnderTest):
+            runner.check()
         if time.monotonic() > deadline:
             raise TimeoutError(f"bench: {what} not within {timeout_s:.0f} s")
         time.sleep(interval_s)
@@ -251,7 +269,8 @@ def full_speed(bootstrap: str, contender: str, model: Path, cfg: BenchConfig,
         runner = StreamerUnderTest(bootstrap, model, "events", sink, f"{tag}-g", contender,
                                    cfg).start()
     try:
-        _wait(lambda: done() > 0, 600, f"a first output of {contender}", interval_s=0.002)
+        _wait(lambda: done() > 0, 600, f"a first output of {contender}", interval_s=0.002,
+              runner=runner)
         t0 = time.perf_counter()
         first = done()
         t0 = (t0 + time.perf_counter()) / 2  # the watermarks were read in between
@@ -264,7 +283,7 @@ def full_speed(bootstrap: str, contender: str, model: Path, cfg: BenchConfig,
         elif isinstance(runner, StreamerUnderTest):
             runner.service.stages.reset()
         _wait(lambda: done() >= cfg.events, 600, f"{cfg.events} outputs of {contender}",
-              interval_s=0.002)
+              interval_s=0.002, runner=runner)
         elapsed = time.perf_counter() - t0
     finally:
         runner.close()
@@ -283,7 +302,8 @@ def at_rate(bootstrap: str, contender: str, model: Path, cfg: BenchConfig,
     else:
         runner = StreamerUnderTest(bootstrap, model, source, sink, f"{tag}-g", contender,
                                    cfg).start()
-        _wait(lambda: runner.assigned, 60, "streamer assignment")  # type: ignore[union-attr]
+        _wait(lambda: runner.assigned, 60, "streamer assignment",  # type: ignore[union-attr]
+              runner=runner)
     try:
         with tempfile.NamedTemporaryFile(suffix=".npy") as out:
             proc = subprocess.run(
@@ -376,6 +396,9 @@ def run_bench(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict[str,
                 bs = broker.bootstrap_servers
                 topics = ["events", *(f"{c}{r}.{p}.{s}" for c in range(len(contenders))
                                       for p in ("full", "rate") for s in ("in", "out"))]
+                # Each contender's changelog (group "<tag>-g"), used when --set changelog=true.
+                topics += [f"{c}{r}.{p}-g-state" for c in range(len(contenders))
+                           for p in ("full", "rate")]
                 for t in (*topics, "events.dlq"):
                     broker.create_topic(t, cfg.partitions)
                 preload(bs, "events", records)

@@ -116,7 +116,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 # Settings `streamer bench` gives the streamer itself; `--set` may not change them.
 BENCH_OWNS = {"bootstrap_servers", "model", "group_id", "input_topic", "output_topic",
-              "dlq_topic", "device", "kafka_client", "metrics_address"}
+              "dlq_topic", "changelog_topic", "device", "kafka_client", "metrics_address"}
 
 
 def _how_to_set_for_bench(field: str) -> str:
@@ -148,8 +148,13 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     overrides = tuple(tuple(kv.split("=", 1)) for kv in ns.set)
     own = {n for n, _ in overrides} & BENCH_OWNS
     if own:
-        raise ConfigError("set", f"{sorted(own)[0]} is set by the bench itself (use --device, "
-                          "--client; topics, group, model and addresses are the bench's)")
+        raise ConfigError(sorted(own)[0], "set by the bench itself, streamer bench --set may not "
+                          "change it (use --device, --client; topics, group, model and "
+                          "addresses are the bench's)")
+    unknown = [n for n, _ in overrides if n not in StreamerSettings.model_fields]
+    if unknown:
+        raise ConfigError(unknown[0], "not a streamer setting (streamer bench --set NAME=VALUE "
+                          "takes the names of `streamer run --help`, with underscores)")
     resolve_device(ns.device)  # before anything runs: ConfigError when it is not there
     # The streamer's settings as the bench will build them, checked before the relay runs.
     load_settings(StreamerSettings, {"bootstrap_servers": "127.0.0.1:9", "device": ns.device,

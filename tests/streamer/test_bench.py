@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +36,27 @@ def test_bench_prints_relay_and_both_clients_side_by_side() -> None:
                         if x.split()[:1] == [client] and phase in x)
             shares = [float(x.rstrip("%")) for x in line.split()[3:] if x.endswith("%")]
             assert len(shares) == 6 and abs(sum(shares) - 100) < 0.5, line
+
+
+@pytest.mark.integration
+def test_a_streamer_that_stops_on_its_own_ends_the_wait_at_once(artifact_dir: Path) -> None:
+    """A service that refuses to start (here: changelog on, no changelog topic) ends the bench's
+    wait with its reason within seconds, instead of the bench waiting 600 s for outputs."""
+    import time
+
+    from streamer.bench import BenchConfig, StreamerUnderTest, _wait
+    from streamer.broker import EmbeddedBroker
+
+    with EmbeddedBroker(num_brokers=1) as broker:
+        for topic in ("b.in", "b.out", "b.in.dlq"):
+            broker.create_topic(topic, 2)
+        cfg = BenchConfig(clients=("kafka-python",), overrides=(("changelog", "true"),))
+        runner = StreamerUnderTest(broker.bootstrap_servers, artifact_dir, "b.in", "b.out",
+                                   "b-g", "kafka-python", cfg).start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(RuntimeError, match="changelog topic 'b-g-state' does not exist"):
+                _wait(lambda: False, 120, "an output", runner=runner)
+        finally:
+            runner.close()
+    assert time.monotonic() - started < 60
