@@ -34,7 +34,8 @@ def build(device: torch.device, keys: int, window: int, graphs: bool = False) ->
     torch.manual_seed(0)
     model = LSTMModel(ModelConfig(input_size=F, hidden_size=H, num_layers=L),
                       default_spec("generic", F)).to(device).eval()
-    engine = Engine(model, StateStore(L, H, F, F, capacity=keys, window=window, device=device))
+    engine = Engine(model, StateStore.for_model(model, capacity=keys, window=window,
+                                                device=device))
     if graphs:
         engine.bucketed = GraphStep(max_batch=8192)
     return engine
