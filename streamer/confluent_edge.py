@@ -309,7 +309,13 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             reason = "rebalance" if err.code() in MEMBERSHIP_CODES else "timeout"
             self.on_commit_failed(reason)
-            log.warning("offset commit failed (%s); retried with the next commit", err.name())
+            if err.code() in GENERATION_GONE:
+                log.warning("offset commit rejected (%s): this member's generation is gone, so "
+                            "are its partitions; offsets not committed by then will be "
+                            "re-delivered to their next owner", err.name())
+            else:
+                log.warning("offset commit failed (%s); retried with the next commit",
+                            err.name())
             return
         for tp in partitions:
             if tp.error is None and self._uncommitted.get(tp.partition, -1) <= tp.offset:

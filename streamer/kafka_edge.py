@@ -126,6 +126,7 @@ class KafkaEdge(ChangelogMixin, EdgeBase):
         self._commit_sent: tuple[int, float] | None = None  # async commit in flight: id, sent at
         self._commit_ids = 0
         self._commits_ok = 0  # async commits that succeeded since flush_and_commit last returned
+        self._dropped: set[int] = set()  # partitions whose acked offsets a rejected commit dropped
         self._commit_error: KafkaEdgeError | None = None  # an async commit failed for good
         self.consumer.subscribe([self.topic], listener=RebalanceListener(self))
 
@@ -462,8 +463,13 @@ class KafkaEdge(ChangelogMixin, EdgeBase):
             log.warning("offset commit failed (%s: %s); retried with the next commit",
                         type(exc).__name__, exc)
             return False
+        self._dropped -= {tp.partition for tp in offsets}
         self._uncommitted.clear()
         return True
+
+    def forget(self, partitions: set[int]) -> None:
+        super().forget(partitions)
+        self._dropped -= partitions  # their next owner re-reads them: a normal hand-over
 
     def commit_async(self) -> None:
         """Send the acknowledged offsets to the group coordinator without waiting; the result
@@ -508,6 +514,7 @@ class KafkaEdge(ChangelogMixin, EdgeBase):
             for tp, meta in offsets.items():
                 if self._uncommitted.get(tp.partition, -1) <= meta.offset:
                     self._uncommitted.pop(tp.partition, None)
+                self._dropped.discard(tp.partition)
             self._commits_ok += 1
             if self.on_committed is not None:
                 self.on_committed()
@@ -534,6 +541,7 @@ class KafkaEdge(ChangelogMixin, EdgeBase):
         if generation_gone(error):
             for p in partitions:
                 self._uncommitted.pop(p, None)
+            self._dropped.update(partitions)
             log.warning("offset commit rejected (%s: %s): the group rebalanced; those offsets "
                         "will be re-delivered", type(error).__name__, error)
         else:
@@ -605,6 +613,11 @@ class KafkaEdge(ChangelogMixin, EdgeBase):
                 committed = self.commit_pending()
                 if not committed and self._uncommitted:
                     time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+            if self._dropped:  # acknowledged offsets a rejected commit dropped, never committed
+                committed = False
+                log.error("drain: offsets of partitions %s were dropped by a commit the group "
+                          "rejected and not committed since; they will be re-delivered",
+                          sorted(self._dropped))
             clean = clean and committed
         finally:
             try:

@@ -261,9 +261,8 @@ class Service:
             clean = self._shutdown(failure)
         if not clean:
             raise KafkaEdgeError(
-                "drain did not finish cleanly (drain_timeout_s="
-                f"{self.settings.drain_timeout_s}): some outputs were not acknowledged or "
-                "offsets not committed (see the log above); they will be re-delivered"
+                "drain did not finish cleanly: some outputs were not acknowledged or offsets "
+                "not committed (the log above says which and why); they will be re-delivered"
             )
 
     def _connect(self, stop: threading.Event) -> Edge | None:
@@ -361,8 +360,7 @@ class Service:
                 log.info("stopped cleanly")
             else:
                 log.error("stopped with outputs not acknowledged or offsets not committed "
-                          "(drain_timeout_s=%.0f, see above); they will be re-delivered",
-                          self.settings.drain_timeout_s)
+                          "(see above); they will be re-delivered")
         return clean
 
     def process(self, batch: Sequence[Message]) -> None:
@@ -439,8 +437,9 @@ class Service:
         for j in np.flatnonzero(~finite).tolist():
             msg, key = batch[decoded.index[j]], decoded.keys[j]
             self._send_dead_letter(msg, NON_FINITE_OUTPUT, (
-                f"model {version} gave a non-finite prediction for key {key!r} at "
-                f"offset {msg.offset}; the key keeps its last good state"),
+                f"model {version} gave a non-finite step or prediction for key {key!r} in "
+                f"the batch of offset {msg.offset} (this event or another of the key's in "
+                "that batch); the key keeps its state from before the batch"),
                 [("dlq.key", key.encode()), ("dlq.model.version", version.encode())])
         good = list(range(len(decoded.keys))) if finite.all() else np.flatnonzero(finite).tolist()
         msgs = [batch[decoded.index[j]] for j in good]
