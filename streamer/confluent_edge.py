@@ -493,14 +493,17 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
         self._on_commit(failed[0].error if failed else None, result or offsets)
         return not failed
 
-    def _commit_now(self) -> bool:
-        """Flush and commit synchronously (revocation, close): nothing acknowledged is lost."""
+    def _commit_now(self) -> tuple[bool, bool]:
+        """Flush and commit synchronously (revocation, close): nothing acknowledged is lost.
+        Returns whether everything sent was acknowledged, and whether every acknowledged
+        offset is committed (the offsets of earlier batches are committed either way)."""
         try:
             self.flush()
+            acked = True
         except KafkaEdgeError as exc:
             log.error("flush before a synchronous commit failed: %s", exc)
-            return False
-        return not self._uncommitted or self.commit_pending(asynchronous=False)
+            acked = False
+        return acked, not self._uncommitted or self.commit_pending(asynchronous=False)
 
     # --- state -----------------------------------------------------------------------------
 
@@ -533,16 +536,16 @@ class ConfluentEdge(ConfluentChangelogMixin, EdgeBase):
         self._closed = True
         self.stop.set()
         deadline = self._deadline(self.settings.drain_timeout_s)
-        clean = self._commit_now()
+        acked, committed = self._commit_now()
         # A commit rejected while a rebalance is in progress or timed out (coordinator away) is
         # tried again until the drain deadline, as the kafka-python edge does; one whose
         # generation is gone (the partitions moved on) cannot succeed: its offsets are re-read.
-        while (not clean and self._uncommitted and time.monotonic() < deadline
+        while (not committed and self._uncommitted and time.monotonic() < deadline
                and self._last_commit_error not in GENERATION_GONE):
             time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
-            clean = self.commit_pending(asynchronous=False)
+            committed = self.commit_pending(asynchronous=False)
         left = self.producer.flush(max(deadline - time.monotonic(), 0.0))
-        clean = clean and left == 0
+        clean = acked and committed and left == 0
         try:
             self.consumer.close()
         except (KafkaException, RuntimeError) as exc:

@@ -70,3 +70,30 @@ def sample(text: str, name: str, labels: str = "") -> float:
         if labels in (m.group(1) or ""):
             return float(m.group(2))
     raise KeyError(f"{name}{{{labels}}} not in scrape")
+
+
+
+def run_topics(broker: Any, prefix: str) -> tuple[str, str, str]:
+    """Topics ``<prefix>-<id>`` (2 partitions), its ``.out`` (2) and ``.dlq`` (1) on the
+    embedded ``broker``. Returns (input topic, output topic, group id)."""
+    import uuid
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    for topic, parts in ((name, 2), (f"{name}.out", 2), (f"{name}.dlq", 1)):
+        broker.create_topic(topic, partitions=parts)
+    return name, f"{name}.out", f"g-{name}"
+
+
+def streamer_process(bootstrap: str, topics: tuple[str, str, str], model: Path,
+                     kafka_client: str, *extra: str) -> Any:
+    """``streamer run`` on ``topics`` (from :func:`run_topics`) as a subprocess, stdout and
+    stderr piped, with ``extra`` flags."""
+    from .test_cli import _streamer
+
+    name, out_topic, group = topics
+    return _streamer(
+        "run", "--bootstrap-servers", bootstrap, "--input-topic", name,
+        "--output-topic", out_topic, "--group-id", group, "--model", str(model),
+        "--device", "cpu", "--metrics-address", "127.0.0.1:0", "--kafka-client", kafka_client,
+        *extra,
+    )

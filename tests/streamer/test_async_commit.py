@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 from streamer.broker import EmbeddedBroker
 
 from ..kafka_helpers import Topics, produce, read_topic
-from .service_helpers import running_service, settings_for
-from .test_cli import _streamer
+from .service_helpers import run_topics, running_service, settings_for, streamer_process
 
 pytestmark = pytest.mark.integration
 
@@ -54,22 +52,15 @@ def test_kill_9_leaves_no_offset_committed_beyond_an_acknowledged_output(
     artifact_dir: Path, kafka_client: str,
 ) -> None:
     with EmbeddedBroker(num_brokers=3) as broker:
-        name = f"k9-{uuid.uuid4().hex[:8]}"
-        out_topic, group = f"{name}.out", f"g-{name}"
-        for topic, parts in ((name, 2), (out_topic, 2), (f"{name}.dlq", 1)):
-            broker.create_topic(topic, partitions=parts)
+        topics = name, out_topic, group = run_topics(broker, "k9")
         for p in range(2):
             broker.set_partition_leader(name, p, INPUTS)
             broker.set_partition_leader(out_topic, p, OUTPUTS)
         broker.set_partition_leader(f"{name}.dlq", 0, INPUTS)
         broker.set_group_coordinator(group, INPUTS)
         bs = broker.bootstrap_servers
-        proc = _streamer(
-            "run", "--bootstrap-servers", bs, "--input-topic", name, "--output-topic", out_topic,
-            "--group-id", group, "--model", str(artifact_dir), "--device", "cpu",
-            "--metrics-address", "127.0.0.1:0", "--kafka-client", kafka_client,
-            "--max-batch-events", "20", "--flush-timeout-s", "60",
-        )
+        proc = streamer_process(bs, topics, artifact_dir, kafka_client,
+                                "--max-batch-events", "20", "--flush-timeout-s", "60")
         try:
             first = produce(bs, name, _records(200))
             assert len(read_topic(bs, out_topic, expect=200, timeout_s=60, settle_s=0)) >= 200

@@ -30,7 +30,7 @@ from streamer.kafka_edge import KafkaEdge
 from streamer.service import Service
 
 from ..kafka_helpers import Topics, produce, read_topic
-from .service_helpers import settings_for
+from .service_helpers import run_topics, settings_for, streamer_process
 from .test_cli import _streamer
 
 pytestmark = pytest.mark.integration
@@ -48,10 +48,7 @@ def test_sigterm_with_brokers_down_exits_nonzero_within_drain_timeout(
     artifact_dir: Path, kafka_client: str,
 ) -> None:
     with EmbeddedBroker(num_brokers=3) as broker:
-        name = f"s-{uuid.uuid4().hex[:8]}"
-        out_topic, group = f"{name}.out", f"g-{name}"
-        for topic, parts in ((name, 2), (out_topic, 2), (f"{name}.dlq", 1)):
-            broker.create_topic(topic, partitions=parts)
+        topics = name, out_topic, group = run_topics(broker, "s")
         # Inputs and the coordinator on broker 1, outputs on broker 2: with broker 2 down the
         # service still reads but its predictions cannot be acknowledged.
         for p in range(2):
@@ -59,13 +56,10 @@ def test_sigterm_with_brokers_down_exits_nonzero_within_drain_timeout(
             broker.set_partition_leader(out_topic, p, 2)
         broker.set_partition_leader(f"{name}.dlq", 0, 1)
         broker.set_group_coordinator(group, 1)
-        proc = _streamer(
-            "run", "--bootstrap-servers", broker.bootstrap_servers, "--input-topic", name,
-            "--output-topic", out_topic, "--group-id", group, "--model", str(artifact_dir),
-            "--device", "cpu", "--metrics-address", "127.0.0.1:0",
+        proc = streamer_process(
+            broker.bootstrap_servers, topics, artifact_dir, kafka_client,
             "--drain-timeout-s", str(DRAIN_S), "--session-timeout-ms", "3000",
             "--heartbeat-interval-ms", "500", "--request-timeout-ms", "6000",
-            "--kafka-client", kafka_client,
         )
         try:
             produce(broker.bootstrap_servers, name, _records(10))
@@ -104,17 +98,11 @@ def test_sigterm_while_commits_are_rejected_retries_them_and_stops_cleanly(
     from .test_async_commit import _committed
 
     with EmbeddedBroker(num_brokers=1) as broker:
-        name = f"r-{uuid.uuid4().hex[:8]}"
-        out_topic, group = f"{name}.out", f"g-{name}"
-        for topic, parts in ((name, 2), (out_topic, 2), (f"{name}.dlq", 1)):
-            broker.create_topic(topic, partitions=parts)
+        topics = name, out_topic, group = run_topics(broker, "r")
         bs = broker.bootstrap_servers
-        proc = _streamer(
-            "run", "--bootstrap-servers", bs, "--input-topic", name, "--output-topic", out_topic,
-            "--group-id", group, "--model", str(artifact_dir), "--device", "cpu",
-            "--metrics-address", "127.0.0.1:0", "--drain-timeout-s", "15",
+        proc = streamer_process(
+            bs, topics, artifact_dir, kafka_client, "--drain-timeout-s", "15",
             "--session-timeout-ms", "3000", "--heartbeat-interval-ms", "500",
-            "--kafka-client", kafka_client,
         )
         try:
             produce(bs, name, _records(10))
