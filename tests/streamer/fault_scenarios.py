@@ -25,7 +25,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from streamer.broker import EmbeddedBroker
 from streamer.service import Service
 
-from ..kafka_helpers import Topics
+from ..kafka_helpers import Topics, read_topic
 from .service_helpers import running_service, scrape, settings_for
 
 COORDINATOR = 1  # the group coordinator; partitions' leaders are spread over brokers 1..3
@@ -246,7 +246,11 @@ def run_fault(name: str, model: Path, n_events: int = 1500, keys: int = 40,
         for w in (writer, tail):
             w.join(timeout=180)
             assert w.error is None, f"the test's producer failed: {w.error!r}"
-        inputs = set(writer.offsets) | set(tail.offsets)
+        # Every input record in the topic, not only those the writer's futures reported: a
+        # broker going down under the writer's retries can leave an input written twice.
+        recorded = set(writer.offsets) | set(tail.offsets)
+        inputs = recorded | {(r.partition, r.offset) for r in read_topic(
+            s.topics.bootstrap, s.topics.input, expect=len(recorded), timeout_s=30)}
         outputs = _read_outputs(s.topics.bootstrap, s.topics.output, inputs, timeout_s=90)
         alive = scrape(service.http.port, "/healthz")[0] == 200
         ready = scrape(service.http.port, "/readyz")[0] == 200
